@@ -1,0 +1,439 @@
+"""Samples to padded, sharded graph batches with static budgets (host numpy).
+
+A sample is a list of per-modality frame arrays `[length, dim]`. A batch is a
+stack of `num_shards` independently padded graph batches (one per device of
+the mesh's `data` axis, so every leaf has a leading shard axis). Each shard is
+a `jraph.GraphsTuple`:
+
+* nodes are grouped **by modality**: modality m owns the rows
+  `[offset_m, offset_m + F_m)` (its real frames, graph after graph, then
+  padding). The per-modality projection is therefore one dense matmul on a
+  static slice, and so is the node-type transform of every MTGAT layer;
+* `nodes` holds `modality`, `position` (for the positional encoding), `graph`
+  (the graph id, padding rows belong to the last, padding graph) and `mask`;
+* `edges` holds `type`, `graph` and `mask`; padding edges are masked out;
+* `globals` holds the graph `mask`.
+
+Budgets (frames per modality, edges) are rounded up on geometric ladders, so a
+long epoch compiles a handful of times instead of once per batch. The number of
+edges each pruning keeps is computed here, from the real edge counts, exactly
+as the official code computes it (`int(k * keep)`), and shipped as an array.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jraph
+import ml_collections
+import numpy as np
+
+from mtagjax import graph as graph_lib
+
+PRUNE_SCOPES = ("batch", "graph", "node")
+
+
+class Sample(NamedTuple):
+  """One multimodal sequence.
+
+  Attributes:
+    features: per modality (in config order) a `[length, dim]` array of real
+      frames; a modality may have length 0.
+    label: the target (a float for MOSI, `[4]` ints for IEMOCAP) or None.
+    positions: optional per-modality `[length]` int positions for the
+      positional encoding. When absent they follow `config.pe` (see
+      `default_positions`).
+  """
+
+  features: Sequence[np.ndarray]
+  label: Any = None
+  positions: Sequence[np.ndarray] | None = None
+
+
+class Batch(NamedTuple):
+  """A device-ready batch; every leaf has a leading shard axis `S`.
+
+  Attributes:
+    graph: the padded graphs, `[S, ...]` leaves (see the module docstring).
+    features: per modality `[S, F_m, dim_m]` raw frames, in node order.
+    labels: `[S, G, *label_shape]`, zeros for padding graphs.
+    keep_counts: edges kept by each pruning: `[S, L]` (scope "batch", the
+      same row in every shard: the count is global), `[S, G, L]` ("graph") or
+      `[S, N, L]` ("node").
+  """
+
+  graph: jraph.GraphsTuple
+  features: tuple[np.ndarray, ...]
+  labels: np.ndarray
+  keep_counts: np.ndarray
+
+  @property
+  def num_graphs(self) -> int:
+    """Real graphs in the batch."""
+    return int(np.asarray(self.graph.globals["mask"]).sum())
+
+
+def samples_from_padded(
+  arrays: Sequence[np.ndarray], labels: np.ndarray | None = None
+) -> list[Sample]:
+  """Strips padding from left-padded `[B, T_m, d_m]` arrays, as the official.
+
+  A frame is real when the sum of its absolute values is non-zero, so interior
+  all-zero frames are dropped too; positions are the frames' indices in the
+  padded array, which is what the official positional encoding uses.
+
+  Args:
+    arrays: per modality, `[B, T_m, d_m]` arrays.
+    labels: optional `[B, ...]` labels.
+
+  Returns:
+    A list of `B` samples with explicit positions.
+  """
+  arrays = [np.asarray(a) for a in arrays]
+  sizes = {a.shape[0] for a in arrays}
+  if len(sizes) != 1 or any(a.ndim != 3 for a in arrays):
+    raise ValueError(
+      "samples_from_padded: every modality must be a [B, T, d] array with "
+      f"the same B; got shapes {[a.shape for a in arrays]}"
+    )
+  # NaN frames count as real (sum is NaN, not 0), as in the official mask.
+  masks = [np.abs(a).sum(-1) != 0 for a in arrays]
+  out = []
+  for b in range(arrays[0].shape[0]):
+    idx = [np.flatnonzero(m[b]) for m in masks]
+    out.append(
+      Sample(
+        features=[a[b, i] for a, i in zip(arrays, idx, strict=True)],
+        label=None if labels is None else np.asarray(labels[b]),
+        positions=idx,
+      )
+    )
+  return out
+
+
+def default_positions(
+  lengths: Sequence[int], config: ml_collections.ConfigDict
+) -> list[np.ndarray]:
+  """Positional-encoding positions for frames given without positions.
+
+  With `config.pe == "padded"` (official) a sequence of length l is taken to
+  sit left-padded in an array of `config.padded_lengths[m]` frames, so its
+  frames have positions `T - l, ..., T - 1`. Otherwise positions run
+  `0, ..., l - 1` within the modality (the paper).
+  """
+  if config.pe == "padded":
+    out = []
+    for m, n in enumerate(lengths):
+      total = config.padded_lengths[m]
+      if n > total:
+        raise ValueError(
+          f"modality {config.modalities[m]!r} has {n} frames, more than "
+          f"config.padded_lengths[{m}] = {total}; pass explicit positions "
+          "or raise the padded length"
+        )
+      out.append(np.arange(total - n, total, dtype=np.int32))
+    return out
+  return [np.arange(n, dtype=np.int32) for n in lengths]
+
+
+def bucket_size(n: int, *, growth: float, minimum: int) -> int:
+  """The smallest ladder value `>= n` (ladder: minimum, then x growth, x8)."""
+  size = minimum
+  while size < n:
+    size = max(size + 8, int(math.ceil(size * growth / 8.0)) * 8)
+  return size
+
+
+def keep_schedule(count: np.ndarray, keep: float, num_layers: int):
+  """`[..., L]` edges kept after each pruning, `int(k * keep)` layer by layer.
+
+  The official code keeps `int(len(edges) * keep)` of the surviving edges
+  each time, in float64 arithmetic; numpy's float64 floor is the same.
+  """
+  count = np.asarray(count, np.int64)
+  out = []
+  for _ in range(num_layers):
+    count = np.floor(count * float(keep)).astype(np.int64)
+    out.append(count)
+  return np.stack(out, -1).astype(np.int32)
+
+
+class GraphBatcher:
+  """Builds `Batch`es for one model config, batch size and shard count.
+
+  Args:
+    config: the model config (`mtagjax.config.default_config()`).
+    batch_size: the largest number of samples a batch will hold; sets the
+      per-shard graph budget `ceil(batch_size / num_shards) + 1`.
+    num_shards: number of data-parallel shards (devices on the `data` axis).
+    dtype: numpy dtype of the features (float64 for x64 checks).
+  """
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    *,
+    batch_size: int,
+    num_shards: int = 1,
+    dtype: Any = np.float32,
+  ):
+    if batch_size < 1 or num_shards < 1:
+      raise ValueError(
+        f"batch_size ({batch_size}) and num_shards ({num_shards}) must be >= 1"
+      )
+    if config.prune_scope not in PRUNE_SCOPES:
+      raise ValueError(
+        f"config.prune_scope={config.prune_scope!r}; expected one of "
+        f"{PRUNE_SCOPES}"
+      )
+    if config.empty_samples not in ("error", "drop"):
+      raise ValueError(
+        f"config.empty_samples={config.empty_samples!r}; expected 'error' "
+        "or 'drop'"
+      )
+    self.config = config
+    self.batch_size = batch_size
+    self.num_shards = num_shards
+    self.per_shard = -(-batch_size // num_shards)
+    self.dtype = np.dtype(dtype)
+
+  # -- validation ------------------------------------------------------------
+
+  def _check(self, i: int, sample: Sample):
+    c = self.config
+    feats = list(sample.features)
+    if len(feats) != len(c.modalities):
+      raise ValueError(
+        f"sample {i}: has {len(feats)} modalities, config.modalities has "
+        f"{len(c.modalities)} {tuple(c.modalities)}"
+      )
+    feats = [np.asarray(f) for f in feats]
+    for m, (f, dim, name) in enumerate(
+      zip(feats, c.feature_dims, c.modalities, strict=True)
+    ):
+      if f.ndim != 2 or f.shape[1] != dim:
+        raise ValueError(
+          f"sample {i}, modality {name!r}: expected a [length, {dim}] array "
+          f"(config.feature_dims[{m}]), got shape {f.shape}"
+        )
+      if not np.isfinite(f).all():
+        bad = np.argwhere(~np.isfinite(f))[0]
+        raise ValueError(
+          f"sample {i}, modality {name!r}: non-finite value "
+          f"{f[tuple(bad)]} at frame {bad[0]}, feature {bad[1]}; clean the "
+          "data first (the official audio reader maps -inf to 0)"
+        )
+    lengths = [f.shape[0] for f in feats]
+    if sample.positions is None:
+      try:
+        positions = default_positions(lengths, c)
+      except ValueError as e:
+        raise ValueError(f"sample {i}: {e}") from None
+    else:
+      positions = [np.asarray(p, np.int64) for p in sample.positions]
+      if len(positions) != len(lengths):
+        raise ValueError(
+          f"sample {i}: has {len(positions)} position arrays for "
+          f"{len(lengths)} modalities {tuple(c.modalities)}"
+        )
+      for m, (p, n) in enumerate(zip(positions, lengths, strict=True)):
+        if p.shape != (n,):
+          raise ValueError(
+            f"sample {i}, modality {c.modalities[m]!r}: positions shape "
+            f"{p.shape} does not match its {n} frames"
+          )
+        if n and (p.min() < 0 or p.max() >= c.max_positions):
+          raise ValueError(
+            f"sample {i}, modality {c.modalities[m]!r}: positions must lie "
+            f"in [0, config.max_positions={c.max_positions}), got "
+            f"[{p.min()}, {p.max()}]"
+          )
+    return feats, lengths, positions
+
+  # -- building --------------------------------------------------------------
+
+  def __call__(self, samples: Sequence[Sample]) -> Batch:
+    """Validates, pads and shards `samples` into one `Batch`."""
+    c = self.config
+    checked = []
+    for i, s in enumerate(samples):
+      feats, lengths, positions = self._check(i, s)
+      if sum(lengths) == 0:
+        if c.empty_samples == "error":
+          raise ValueError(
+            f"sample {i}: every modality is empty; remove it, or set "
+            "config.empty_samples='drop' to drop such samples (as the "
+            "official code does) with a warning"
+          )
+        warnings.warn(
+          f"dropping sample {i}: every modality is empty", stacklevel=2
+        )
+        continue
+      checked.append((feats, lengths, positions, s.label))
+    if not checked:
+      raise ValueError("empty batch: no sample with any frame")
+    if len(checked) > self.batch_size:
+      raise ValueError(
+        f"{len(checked)} samples exceed batch_size={self.batch_size}"
+      )
+    shards = [
+      checked[s * self.per_shard : (s + 1) * self.per_shard]
+      for s in range(self.num_shards)
+    ]
+    built = [self._shard_parts(shard) for shard in shards]
+    frames = [
+      bucket_size(
+        max(b["frames"][m] for b in built), growth=c.node_growth, minimum=8
+      )
+      for m in range(len(c.modalities))
+    ]
+    edges = bucket_size(
+      max(b["num_edges"] for b in built), growth=c.edge_growth, minimum=64
+    )
+    if sum(frames) > c.max_nodes or edges > c.max_edges:
+      raise ValueError(
+        f"batch needs {sum(frames)} nodes and {edges} edges per shard, over "
+        f"the largest bucket (config.max_nodes={c.max_nodes}, "
+        f"config.max_edges={c.max_edges}); lower the batch size, use more "
+        "shards or raise those limits"
+      )
+    total_edges = sum(b["num_edges"] for b in built)
+    proto = checked[0][3]
+    padded = [self._pad(b, frames, edges, total_edges, proto) for b in built]
+    return _stack(padded)
+
+  def _shard_parts(self, shard):
+    """Concatenates one shard's samples (real nodes and edges only)."""
+    c = self.config
+    num_mod = len(c.modalities)
+    lengths = np.array([x[1] for x in shard], np.int64).reshape(-1, num_mod)
+    # starts[g, m]: first row of graph g inside modality m's block.
+    starts = np.cumsum(lengths, 0) - lengths
+    senders, receivers, types, egraph = [], [], [], []
+    for g, (_, lens, _, _) in enumerate(shard):
+      s, r, t = graph_lib.build_edges(
+        lens, rule=c.alignment, edge_types=c.edge_types, intra=c.intra
+      )
+      # Local ids (modalities concatenated) -> rows relative to each block;
+      # the block offsets are added in `_pad`, once the budgets are known.
+      lut = np.concatenate(
+        [starts[g, m] + np.arange(n) for m, n in enumerate(lens)]
+      ).astype(np.int64)
+      mod = np.repeat(np.arange(num_mod), lens)
+      senders.append((mod[s], lut[s]))
+      receivers.append((mod[r], lut[r]))
+      types.append(t)
+      egraph.append(np.full(t.shape, g, np.int32))
+
+    def cat(parts, k):
+      return np.concatenate([p[k] for p in parts]) if parts else np.zeros(0)
+
+    return dict(
+      lengths=lengths,
+      frames=lengths.sum(0),
+      num_edges=int(sum(t.size for t in types)),
+      send=(cat(senders, 0), cat(senders, 1)),
+      recv=(cat(receivers, 0), cat(receivers, 1)),
+      type=np.concatenate(types) if types else np.zeros(0, np.int32),
+      egraph=np.concatenate(egraph) if egraph else np.zeros(0, np.int32),
+      feats=[[x[0][m] for x in shard] for m in range(num_mod)],
+      positions=[[x[2][m] for x in shard] for m in range(num_mod)],
+      labels=[x[3] for x in shard],
+    )
+
+  def _pad(self, parts, frames, num_edges, total_edges, label_proto):
+    c = self.config
+    num_mod = len(c.modalities)
+    num_graphs = self.per_shard + 1
+    pad_graph = num_graphs - 1
+    offsets = np.concatenate([[0], np.cumsum(frames)[:-1]]).astype(np.int64)
+    num_nodes = int(sum(frames))
+    lengths = parts["lengths"]
+    real = len(parts["labels"])
+
+    modality = np.repeat(np.arange(num_mod), frames).astype(np.int32)
+    position = np.zeros(num_nodes, np.int32)
+    node_graph = np.full(num_nodes, pad_graph, np.int32)
+    node_mask = np.zeros(num_nodes, bool)
+    features = []
+    for m in range(num_mod):
+      n = int(parts["frames"][m])
+      rows = slice(offsets[m], offsets[m] + n)
+      node_mask[rows] = True
+      node_graph[rows] = np.repeat(np.arange(real), lengths[:, m])
+      if n:
+        position[rows] = np.concatenate(parts["positions"][m])
+      f = np.zeros((frames[m], c.feature_dims[m]), self.dtype)
+      if n:
+        f[:n] = np.concatenate(parts["feats"][m])
+      features.append(f)
+
+    e = parts["num_edges"]
+    pad_node = num_nodes - 1
+    senders = np.full(num_edges, pad_node, np.int32)
+    receivers = np.full(num_edges, pad_node, np.int32)
+    senders[:e] = offsets[parts["send"][0].astype(np.int64)] + parts["send"][1]
+    receivers[:e] = (
+      offsets[parts["recv"][0].astype(np.int64)] + parts["recv"][1]
+    )
+    etype = np.zeros(num_edges, np.int32)
+    etype[:e] = parts["type"]
+    egraph = np.full(num_edges, pad_graph, np.int32)
+    egraph[:e] = parts["egraph"]
+    emask = np.zeros(num_edges, bool)
+    emask[:e] = True
+
+    n_node = np.zeros(num_graphs, np.int32)
+    n_node[:real] = lengths.sum(1)
+    n_node[pad_graph] = num_nodes - n_node.sum()
+    n_edge = np.bincount(egraph, minlength=num_graphs).astype(np.int32)
+    gmask = np.zeros(num_graphs, bool)
+    gmask[:real] = True
+
+    labels = _pad_labels(parts["labels"], num_graphs, label_proto)
+    scope = c.prune_scope
+    if scope == "batch":
+      keep = keep_schedule(total_edges, c.prune_keep, c.num_layers)
+    elif scope == "graph":
+      keep = keep_schedule(n_edge * gmask, c.prune_keep, c.num_layers)
+    else:
+      indegree = np.bincount(receivers[:e], minlength=num_nodes)
+      keep = keep_schedule(indegree, c.prune_keep, c.num_layers)
+
+    graph = jraph.GraphsTuple(
+      nodes=dict(
+        modality=modality, position=position, graph=node_graph, mask=node_mask
+      ),
+      edges=dict(type=etype, graph=egraph, mask=emask),
+      senders=senders,
+      receivers=receivers,
+      n_node=n_node,
+      n_edge=n_edge,
+      globals=dict(mask=gmask),
+    )
+    return Batch(graph, tuple(features), labels, keep)
+
+
+def _pad_labels(labels: list, num_graphs: int, proto: Any) -> np.ndarray:
+  """Stacks labels into `[G, *shape]`; `proto` fixes shape and dtype."""
+  if proto is None:
+    return np.zeros((num_graphs,), np.float32)
+  proto = np.asarray(proto)
+  dtype = np.float32 if proto.dtype.kind == "f" else np.int32
+  out = np.zeros((num_graphs, *proto.shape), dtype)
+  for g, x in enumerate(labels):
+    x = np.asarray(x)
+    if x.shape != proto.shape:
+      raise ValueError(
+        f"label of graph {g} has shape {x.shape}, expected {proto.shape}"
+      )
+    out[g] = x
+  return out
+
+
+def _stack(shards: list[Batch]) -> Batch:
+  return jax.tree.map(lambda *xs: np.stack(xs), *shards)
