@@ -171,6 +171,14 @@ class GraphBatcher:
       per-shard graph budget `ceil(batch_size / num_shards) + 1`.
     num_shards: number of data-parallel shards (devices on the `data` axis).
     dtype: numpy dtype of the features (float64 for x64 checks).
+
+  Bad input raises `ValueError` naming the sample and modality: a wrong
+  feature size or number of modalities, NaN or inf features, positions
+  out of range, more samples than `batch_size`, a batch over the largest
+  bucket. A sample whose modalities are all empty has no graph: by default
+  (`config.empty_samples="error"`) that is an error; with `"drop"` it is
+  dropped, with its label, and a warning, as the official code silently
+  does.
   """
 
   def __init__(

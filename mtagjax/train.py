@@ -103,9 +103,13 @@ def create_train_state(
 def set_learning_rate(state: TrainState, lr: float) -> TrainState:
   """Returns `state` with the learning rate in the optimizer state set."""
   hyper = dict(state.opt_state.hyperparams)
-  hyper["learning_rate"] = jnp.asarray(
-    lr, jnp.asarray(hyper["learning_rate"]).dtype
-  )
+  current = hyper["learning_rate"]
+  new = jnp.asarray(lr, current.dtype)
+  if isinstance(current, jax.Array):
+    # Keep the placement: a differently sharded input would recompile the
+    # jitted step.
+    new = jax.device_put(new, current.sharding)
+  hyper["learning_rate"] = new
   return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
 
 

@@ -240,3 +240,14 @@ def test_random_pruning_keeps_k_uniformly(fx):
   last_graph = np.asarray(batch.graph.edges["graph"])[0] == 2
   frac = first[last_graph].mean()
   assert 0.75 < frac < 0.85
+
+
+def test_bfloat16_compute_stays_close_to_float32(fx):
+  config, variables, samples, batch, out, _ = _run(fx, "", 3, np.float32)
+  config.dtype = "bfloat16"
+  model = model_lib.create_model(config)
+  low, _ = model.apply(variables, batch, train=False)
+  assert low.dtype == jax.numpy.bfloat16
+  np.testing.assert_allclose(
+    np.asarray(low, np.float32)[0, :3, 0], out, rtol=0, atol=0.02
+  )

@@ -1,0 +1,1 @@
+"""Experiment entry points: absl flags, configs and the training loop."""
