@@ -33,8 +33,7 @@ import ml_collections
 import numpy as np
 
 from mtagjax import graph as graph_lib
-
-PRUNE_SCOPES = ("batch", "graph", "node")
+from mtagjax.layers import PRUNE_SCOPES
 
 
 class Sample(NamedTuple):
@@ -171,6 +170,10 @@ class GraphBatcher:
       per-shard graph budget `ceil(batch_size / num_shards) + 1`.
     num_shards: number of data-parallel shards (devices on the `data` axis).
     dtype: numpy dtype of the features (float64 for x64 checks).
+    sticky_budgets: never shrink the budgets below those of earlier
+      batches. Padding never changes results, and with random batches the
+      budgets settle within a few batches, so an epoch compiles a handful
+      of times. Use one batcher per split (train, eval).
 
   Bad input raises `ValueError` naming the sample and modality: a wrong
   feature size or number of modalities, NaN or inf features, positions
@@ -188,6 +191,7 @@ class GraphBatcher:
     batch_size: int,
     num_shards: int = 1,
     dtype: Any = np.float32,
+    sticky_budgets: bool = True,
   ):
     if batch_size < 1 or num_shards < 1:
       raise ValueError(
@@ -208,6 +212,13 @@ class GraphBatcher:
     self.num_shards = num_shards
     self.per_shard = -(-batch_size // num_shards)
     self.dtype = np.dtype(dtype)
+    self.sticky_budgets = sticky_budgets
+    self._budgets = ([0] * len(config.modalities), 0)
+
+  @property
+  def budgets(self) -> tuple[list[int], int]:
+    """The last batch's budgets: (frames per modality, edges) per shard."""
+    return self._budgets
 
   # -- validation ------------------------------------------------------------
 
@@ -302,6 +313,15 @@ class GraphBatcher:
     edges = bucket_size(
       max(b["num_edges"] for b in built), growth=c.edge_growth, minimum=64
     )
+    if self.sticky_budgets:
+      # Budgets only grow: once a large batch has been seen, smaller ones
+      # reuse its shapes, so an epoch compiles only while budgets are still
+      # growing (the first few batches), not whenever a batch's needs cross
+      # a rung.
+      frames = [
+        max(f, s) for f, s in zip(frames, self._budgets[0], strict=True)
+      ]
+      edges = max(edges, self._budgets[1])
     if sum(frames) > c.max_nodes or edges > c.max_edges:
       raise ValueError(
         f"batch needs {sum(frames)} nodes and {edges} edges per shard, over "
@@ -309,6 +329,7 @@ class GraphBatcher:
         f"config.max_edges={c.max_edges}); lower the batch size, use more "
         "shards or raise those limits"
       )
+    self._budgets = (frames, edges)
     total_edges = sum(b["num_edges"] for b in built)
     proto = checked[0][3]
     padded = [self._pad(b, frames, edges, total_edges, proto) for b in built]

@@ -49,15 +49,10 @@ def sinusoid_table(max_len: int, dim: int) -> np.ndarray:
   return table
 
 
-def _torch_uniform(scale_fan_in: bool = True):
+def _torch_bias_init(key, shape, dtype=jnp.float32, *, fan_in: int):
   """PyTorch's `nn.Linear` bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  del scale_fan_in
-
-  def init(key, shape, dtype=jnp.float32, *, fan_in):
-    bound = 1.0 / np.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
+  bound = 1.0 / np.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class TorchDense(nn.Module):
@@ -75,7 +70,7 @@ class TorchDense(nn.Module):
       kernel_init=nn.initializers.variance_scaling(
         1.0 / 3.0, "fan_in", "uniform"
       ),
-      bias_init=functools.partial(_torch_uniform(), fan_in=fan_in),
+      bias_init=functools.partial(_torch_bias_init, fan_in=fan_in),
       name="dense",
     )(x)
 
