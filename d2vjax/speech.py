@@ -1,0 +1,703 @@
+"""The data2vec audio front end: waveform to the transformer's input frames.
+
+Pipeline (spec §4a): a stack of strided 1-D convolutions turns 16 kHz samples
+into 50 Hz frames (`ConvFeatureExtractor`); a LayerNorm and a linear map bring
+them to the model width (`FeatureProjection`); masked frames are replaced by a
+learned vector; padded frames are zeroed; and a convolutional relative
+position signal is added (`ConvPositionalEmbedding`). `SpeechFrontEnd` chains
+these and stops just before the transformer's own pre-layer LayerNorm
+(`encoder.layer_norm`), which belongs to the encoder because data2vec's EMA
+teacher tracks it while it shares (copies) the positional convolution.
+
+Parameter tree of `SpeechFrontEnd` (`front_end_params_from_hf` builds it from
+HF `Data2VecAudioModel` keys; conv kernels are torch weights transposed
+(2, 1, 0), Dense kernels transposed):
+
+  mask_embedding                       <- masked_spec_embed
+  feature_extractor/conv_layers_{j}/
+    conv/{kernel,bias}                 <- feature_extractor.conv_layers.{j}.conv
+    layer_norm/{scale,bias}            <- ...conv_layers.{j}.layer_norm
+    (group_norm/ in block 0 only, "group_norm" mode)
+  feature_projection/{layer_norm,projection}
+                                       <- feature_projection.*
+  pos_conv/layers_{l}/conv/{kernel,bias}
+                                       <- encoder.pos_conv_embed.layers.{l}.conv
+  pos_conv/conv/{weight_g,weight_v,bias} (kind "single", wav2vec 2.0)
+                                       <- encoder.pos_conv_embed.conv
+
+Padding convention: `padding_mask` is True at padded frames (fairseq); HF's
+`attention_mask` is 1 at real samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+Array = jax.Array
+ConvLayers = Sequence[tuple[int, int, int]]
+
+# (channels, kernel, stride) of the wav2vec 2.0 / data2vec Base CNN.
+BASE_CONV_LAYERS: tuple[tuple[int, int, int], ...] = (
+  ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
+)
+
+# fairseq and HF build the CNN's norms with the PyTorch default eps, whatever
+# `layer_norm_eps` says; only the feature projection's LayerNorm reads it.
+_CNN_NORM_EPS = 1e-5
+_POS_NORM_EPS = 1e-5
+
+# PyTorch `kaiming_normal_` defaults: gain sqrt(2), fan_in, *untruncated*
+# normal (JAX's `he_normal` truncates, so it is not used).
+_kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+# PyTorch's default Conv1d/Linear weight init, U(±1/sqrt(fan_in)).
+_torch_default = nn.initializers.variance_scaling(
+  1.0 / 3.0, "fan_in", "uniform"
+)
+
+
+def _gelu(x: Array) -> Array:
+  # fairseq and HF use the exact erf GELU; Flax's default is the tanh form.
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+  """PyTorch's default conv bias init, U(±1/sqrt(fan_in))."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def feature_lengths(lengths: Any, conv_layers: ConvLayers = BASE_CONV_LAYERS):
+  """Number of frames the conv stack makes from `lengths` samples.
+
+  Applies `L <- floor((L - k) / s) + 1` per layer. Integer floor division
+  keeps it exact for Python/numpy ints and for `jnp` integer arrays alike.
+
+  Args:
+    lengths: sample counts (int, numpy or jnp integer array).
+    conv_layers: (channels, kernel, stride) per layer.
+
+  Returns:
+    Frame counts, same type as `lengths` (negative when too short).
+
+  References:
+    Baevski et al., "wav2vec 2.0", NeurIPS 2020, §2 (feature encoder);
+    fairseq `Wav2Vec2Model._get_feat_extract_output_lengths`.
+  """
+  for _, kernel, stride in conv_layers:
+    lengths = (lengths - kernel) // stride + 1
+  return lengths
+
+
+def receptive_field(conv_layers: ConvLayers = BASE_CONV_LAYERS) -> int:
+  """Samples seen by one output frame (400 for Base); the minimum input.
+
+  An input yields at least one frame exactly when it is this long, because
+  each layer needs `(frames_out - 1) * stride + kernel` inputs.
+  """
+  field = 1
+  for _, kernel, stride in reversed(tuple(conv_layers)):
+    field = (field - 1) * stride + kernel
+  return int(field)
+
+
+def frame_padding_mask(
+  attention_mask: Array, conv_layers: ConvLayers = BASE_CONV_LAYERS
+) -> Array:
+  """Frame-level padding mask from a sample-level attention mask.
+
+  Args:
+    attention_mask: `[B, samples]`, 1 (or True) at real samples, HF style;
+      real samples are assumed to form a prefix of each row.
+    conv_layers: (channels, kernel, stride) per layer.
+
+  Returns:
+    `[B, T]` bool, **True at padded frames** (fairseq convention), where
+    frame t is padded iff t >= feature_lengths(number of real samples).
+  """
+  attention_mask = jnp.asarray(attention_mask)
+  num_frames = int(feature_lengths(attention_mask.shape[-1], conv_layers))
+  valid = feature_lengths(attention_mask.astype(jnp.int32).sum(-1), conv_layers)
+  return jnp.arange(num_frames)[None, :] >= valid[:, None]
+
+
+class _FeatureConvBlock(nn.Module):
+  """Conv1d (VALID, strided) -> optional norm -> GELU."""
+
+  channels: int
+  kernel: int
+  stride: int
+  norm: str  # "layer_norm", "group_norm" or "none"
+  conv_bias: bool = False
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    fan_in = x.shape[-1] * self.kernel
+    x = nn.Conv(
+      self.channels,
+      kernel_size=(self.kernel,),
+      strides=(self.stride,),
+      padding="VALID",
+      use_bias=self.conv_bias,
+      kernel_init=_kaiming_normal,
+      bias_init=_torch_bias_init(fan_in),
+      dtype=self.dtype,
+      name="conv",
+    )(x)
+    # Two-pass variance (`use_fast_variance=False`) for float64 parity with
+    # the reference; statistics are float32 or wider either way, like
+    # fairseq's Fp32LayerNorm / Fp32GroupNorm.
+    kw = dict(dtype=self.dtype, use_fast_variance=False, name=self.norm)
+    if self.norm == "layer_norm":
+      x = nn.LayerNorm(_CNN_NORM_EPS, **kw)(x)
+    elif self.norm == "group_norm":
+      # One group per channel: each channel is normalised over time.
+      x = nn.GroupNorm(self.channels, epsilon=_CNN_NORM_EPS, **kw)(x)
+    return _gelu(x)
+
+
+class ConvFeatureExtractor(nn.Module):
+  """Raw waveform `[B, samples]` to conv features `[B, T, C]`.
+
+  Attributes:
+    conv_layers: (channels, kernel, stride) per block.
+    mode: "layer_norm" (data2vec: LayerNorm over channels in every block) or
+      "group_norm" (wav2vec 2.0 "default": per-channel GroupNorm in the first
+      block only).
+    conv_bias: whether the convolutions have a bias.
+    dtype: computation dtype (None: inferred from inputs and params).
+
+  References:
+    Baevski et al., "data2vec", ICML 2022, §3 and Appendix (speech encoder);
+    spec §4a.2; fairseq `ConvFeatureExtractionModel`.
+  """
+
+  conv_layers: ConvLayers = BASE_CONV_LAYERS
+  mode: str = "layer_norm"
+  conv_bias: bool = False
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, waveform: Array) -> Array:
+    if self.mode not in ("layer_norm", "group_norm"):
+      raise ValueError(
+        f"mode must be 'layer_norm' or 'group_norm', got {self.mode!r}"
+      )
+    if waveform.ndim != 2:
+      raise ValueError(
+        f"waveform must be [batch, samples], got shape {waveform.shape}"
+      )
+    need = receptive_field(self.conv_layers)
+    if waveform.shape[1] < need:
+      raise ValueError(
+        f"waveform has {waveform.shape[1]} samples, fewer than the conv "
+        f"stack's receptive field of {need} samples (no frame would result)"
+      )
+    x = waveform[..., None]  # the first conv sees one input channel
+    for j, (channels, kernel, stride) in enumerate(self.conv_layers):
+      if self.mode == "layer_norm":
+        norm = "layer_norm"
+      else:
+        norm = "group_norm" if j == 0 else "none"
+      x = _FeatureConvBlock(
+        channels,
+        kernel,
+        stride,
+        norm,
+        self.conv_bias,
+        self.dtype,
+        name=f"conv_layers_{j}",
+      )(x)
+    return x
+
+
+class FeatureProjection(nn.Module):
+  """LayerNorm -> Dense to the model width (-> dropout when training).
+
+  Attributes:
+    hidden: output width.
+    layer_norm_eps: epsilon of the LayerNorm.
+    dropout_rate: dropout on the projected features in train mode.
+    dtype: computation dtype.
+
+  Returns from `__call__`: `(projected, normed)`; `normed` is HF's
+  `extract_features`.
+
+  References:
+    spec §4a.3; fairseq `Data2VecAudioModel.layer_norm`/`post_extract_proj`.
+  """
+
+  hidden: int
+  layer_norm_eps: float = 1e-5
+  dropout_rate: float = 0.0
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, Array]:
+    normed = nn.LayerNorm(
+      self.layer_norm_eps,
+      dtype=self.dtype,
+      use_fast_variance=False,
+      name="layer_norm",
+    )(x)
+    # fairseq's `post_extract_proj` is a plain nn.Linear: PyTorch init.
+    projected = nn.Dense(
+      self.hidden,
+      dtype=self.dtype,
+      kernel_init=_torch_default,
+      bias_init=_torch_bias_init(x.shape[-1]),
+      name="projection",
+    )(normed)
+    projected = nn.Dropout(self.dropout_rate)(
+      projected, deterministic=not train
+    )
+    return projected, normed
+
+
+def _same_pad_trim(x: Array, kernel_size: int) -> Array:
+  # Padding k//2 on both sides gives T + 1 frames when k is even; fairseq's
+  # SamePad (and HF) drop the last one to keep T.
+  return x[:, :-1] if kernel_size % 2 == 0 else x
+
+
+class _PosConvLayer(nn.Module):
+  """Grouped conv (bias) -> trim -> LayerNorm without affine -> GELU."""
+
+  hidden: int
+  kernel_size: int
+  groups: int
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    pad = self.kernel_size // 2
+    fan_in = (self.hidden // self.groups) * self.kernel_size
+    x = nn.Conv(
+      self.hidden,
+      kernel_size=(self.kernel_size,),
+      padding=[(pad, pad)],
+      feature_group_count=self.groups,
+      kernel_init=_torch_default,
+      bias_init=_torch_bias_init(fan_in),
+      dtype=self.dtype,
+      name="conv",
+    )(x)
+    x = _same_pad_trim(x, self.kernel_size)
+    x = nn.LayerNorm(
+      _POS_NORM_EPS,
+      use_scale=False,
+      use_bias=False,
+      dtype=self.dtype,
+      use_fast_variance=False,
+    )(x)
+    return _gelu(x)
+
+
+class _WeightNormConv(nn.Module):
+  """Grouped conv with PyTorch `weight_norm(dim=2)` reparametrisation.
+
+  `weight_v` has the Flax kernel layout `(k, in/groups, out)`; `weight_g`
+  has shape `(k,)`: one scale per kernel tap, and the norm of `weight_v` is
+  taken over all other axes (PyTorch dim=2 is the kernel axis).
+  """
+
+  hidden: int
+  kernel_size: int
+  groups: int
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k, per_group = self.kernel_size, self.hidden // self.groups
+    # fairseq `make_conv_pos`: N(0, sqrt(4 / (k * C))), zero bias; at init
+    # weight_g equals the norm of weight_v, so the weight starts at weight_v.
+    std = np.sqrt(4.0 / (k * self.hidden))
+    v = self.param(
+      "weight_v", nn.initializers.normal(std), (k, per_group, self.hidden)
+    )
+    g = self.param(
+      "weight_g", lambda _, shape: jnp.sqrt((v**2).sum(axis=(1, 2))), (k,)
+    )
+    bias = self.param("bias", nn.initializers.zeros, (self.hidden,))
+    kernel = g[:, None, None] * v / jnp.sqrt((v**2).sum((1, 2), keepdims=True))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    pad = k // 2
+    y = jax.lax.conv_general_dilated(
+      x,
+      kernel,
+      window_strides=(1,),
+      padding=[(pad, pad)],
+      dimension_numbers=("NWC", "WIO", "NWC"),
+      feature_group_count=self.groups,
+    )
+    return y + bias
+
+
+class ConvPositionalEmbedding(nn.Module):
+  """Convolutional relative positional signal; the caller adds it to `x`.
+
+  Attributes:
+    hidden: model width C (input and output channels).
+    kernel_size: conv kernel size k (padding k//2 both sides; the extra frame
+      of an even k is dropped).
+    groups: conv groups.
+    depth: number of stacked blocks (kind "stacked" only).
+    kind: "stacked" (data2vec audio: `depth` blocks of conv -> LayerNorm
+      without affine -> GELU) or "single" (wav2vec 2.0: one weight-normalised
+      conv -> GELU).
+    dtype: computation dtype.
+
+  References:
+    Baevski et al., "data2vec", ICML 2022, §3 (speech: 5 conv layers of
+    kernel 19 for relative positions); spec §4a.5; fairseq
+    `wav2vec2.make_conv_pos` and the `pos_conv_depth > 1` branch.
+  """
+
+  hidden: int
+  kernel_size: int
+  groups: int
+  depth: int = 5
+  kind: str = "stacked"
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if self.hidden % self.groups:
+      raise ValueError(f"hidden {self.hidden} not divisible by {self.groups}")
+    if self.kind == "stacked":
+      for i in range(self.depth):
+        x = _PosConvLayer(
+          self.hidden,
+          self.kernel_size,
+          self.groups,
+          self.dtype,
+          name=f"layers_{i}",
+        )(x)
+      return x
+    if self.kind == "single":
+      x = _WeightNormConv(
+        self.hidden, self.kernel_size, self.groups, self.dtype, name="conv"
+      )(x)
+      return _gelu(_same_pad_trim(x, self.kernel_size))
+    raise ValueError(f"kind must be 'stacked' or 'single', got {self.kind!r}")
+
+
+class SpeechFrontEnd(nn.Module):
+  """Waveform to the (pre-LayerNorm) input of the data2vec audio encoder.
+
+  Attributes:
+    conv_layers: CNN (channels, kernel, stride) per block.
+    extractor_mode: "layer_norm" (data2vec) or "group_norm" (wav2vec 2.0).
+    conv_bias: CNN conv bias.
+    hidden: model width.
+    layer_norm_eps: eps of the feature projection's LayerNorm.
+    pos_kernel_size: positional conv kernel (19 for data2vec Base).
+    pos_groups: positional conv groups (16).
+    pos_depth: stacked positional conv blocks (5).
+    pos_kind: "stacked" or "single".
+    dropout_rate: fairseq `dropout_input` / HF `feat_proj_dropout`, applied in
+      train mode after the teacher copy (`aux["features"]`) is taken.
+    dtype: computation dtype.
+
+  `__call__(waveform, *, attention_mask=None, mask=None, train=False)`
+  returns `(x, aux)`: `x = h + pos_conv(h)` `[B, T, hidden]` where `h` is the
+  projected features with `mask` frames (True = masked) replaced by
+  `mask_embedding` and padded frames zeroed. `aux` holds `conv_features`,
+  `extract_features`, `projected_features`, `features` (the projected
+  features before dropout and masking: the data2vec teacher input),
+  `pos_conv_input` (h), `pos_conv_output` and `padding_mask` (True = padded).
+
+  References:
+    Baevski et al., "data2vec", ICML 2022, §3 and §4.2; spec §1.2, §4a.
+  """
+
+  conv_layers: ConvLayers = BASE_CONV_LAYERS
+  extractor_mode: str = "layer_norm"
+  conv_bias: bool = False
+  hidden: int = 768
+  layer_norm_eps: float = 1e-5
+  pos_kernel_size: int = 19
+  pos_groups: int = 16
+  pos_depth: int = 5
+  pos_kind: str = "stacked"
+  dropout_rate: float = 0.0
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(
+    self,
+    waveform: Array,
+    *,
+    attention_mask: Array | None = None,
+    mask: Array | None = None,
+    train: bool = False,
+  ) -> tuple[Array, dict[str, Array]]:
+    conv_features = ConvFeatureExtractor(
+      self.conv_layers,
+      self.extractor_mode,
+      self.conv_bias,
+      self.dtype,
+      name="feature_extractor",
+    )(waveform)
+    projected, normed = FeatureProjection(
+      self.hidden,
+      self.layer_norm_eps,
+      dtype=self.dtype,
+      name="feature_projection",
+    )(conv_features, train=train)
+    x = nn.Dropout(self.dropout_rate)(projected, deterministic=not train)
+
+    batch, frames = x.shape[:2]
+    if attention_mask is None:
+      padding_mask = jnp.zeros((batch, frames), bool)
+    else:
+      padding_mask = frame_padding_mask(attention_mask, self.conv_layers)
+
+    # Created unconditionally so that `init` without a mask has the param.
+    mask_embedding = self.param(
+      "mask_embedding", nn.initializers.uniform(1.0), (self.hidden,)
+    )
+    if mask is not None:
+      if mask.shape != (batch, frames):
+        raise ValueError(f"mask shape {mask.shape} != frames {(batch, frames)}")
+      x = jnp.where(mask[..., None], mask_embedding.astype(x.dtype), x)
+    # fairseq/HF zero padded frames so they do not leak into valid ones
+    # through the positional convolution.
+    x = jnp.where(padding_mask[..., None], jnp.zeros((), x.dtype), x)
+    pos = ConvPositionalEmbedding(
+      self.hidden,
+      self.pos_kernel_size,
+      self.pos_groups,
+      self.pos_depth,
+      self.pos_kind,
+      self.dtype,
+      name="pos_conv",
+    )(x)
+    aux = {
+      "conv_features": conv_features,
+      "extract_features": normed,
+      "projected_features": projected,
+      "features": projected,
+      "pos_conv_input": x,
+      "pos_conv_output": pos,
+      "padding_mask": padding_mask,
+    }
+    return x + pos, aux
+
+
+# --------------------------------------------------------------------------
+# HuggingFace conversion
+
+
+def front_end_config_from_hf(hf_config: Mapping[str, Any]) -> dict:
+  """`SpeechFrontEnd` constructor kwargs from an HF config dict.
+
+  Data2VecAudio (`model_type` "data2vec-audio"): `num_conv_pos_embeddings`
+  is the number of *stacked* positional conv layers and
+  `conv_pos_kernel_size` their kernel. Wav2Vec2 configs (no
+  `conv_pos_kernel_size`) use one weight-normed conv whose kernel is
+  `num_conv_pos_embeddings`.
+
+  Args:
+    hf_config: e.g. `json.loads(config_json)` or `config.to_dict()`.
+
+  Returns:
+    Keyword arguments for `SpeechFrontEnd`.
+  """
+  c = hf_config
+  # Data2VecAudioConfig has no `feat_extract_norm` (always LayerNorm blocks);
+  # Wav2Vec2Config has it ("group" for Base, "layer" for Large-LV60).
+  feat_norm = c.get("feat_extract_norm", "layer")
+  norm = {"layer": "layer_norm", "group": "group_norm"}
+  if feat_norm not in norm:
+    raise ValueError(f"unknown feat_extract_norm {feat_norm!r}")
+  kwargs = {
+    "conv_layers": tuple(
+      (int(d), int(k), int(s))
+      for d, k, s in zip(
+        c["conv_dim"], c["conv_kernel"], c["conv_stride"], strict=True
+      )
+    ),
+    "extractor_mode": norm[feat_norm],
+    "conv_bias": bool(c["conv_bias"]),
+    "hidden": int(c["hidden_size"]),
+    "layer_norm_eps": float(c["layer_norm_eps"]),
+    "pos_groups": int(c["num_conv_pos_embedding_groups"]),
+    "dropout_rate": float(c.get("feat_proj_dropout", 0.0)),
+  }
+  if "conv_pos_kernel_size" in c:
+    kwargs.update(
+      pos_kernel_size=int(c["conv_pos_kernel_size"]),
+      pos_depth=int(c["num_conv_pos_embeddings"]),
+      pos_kind="stacked",
+    )
+  else:
+    kwargs.update(
+      pos_kernel_size=int(c["num_conv_pos_embeddings"]),
+      pos_depth=1,
+      pos_kind="single",
+    )
+  return kwargs
+
+
+def _infer_config(sd: Mapping[str, Any], prefix: str) -> dict:
+  """Constructor kwargs read off the state dict's own shapes.
+
+  Strides do not change parameter shapes, so 1 stands in for them: the result
+  only serves to build the expected parameter shapes.
+  """
+  has = lambda key: prefix + key in sd
+  shape = lambda key: np.shape(_get(sd, prefix, key))
+  fe, pos = "feature_extractor.conv_layers", "encoder.pos_conv_embed"
+  layers = []
+  while has(f"{fe}.{len(layers)}.conv.weight"):
+    out, _, k = shape(f"{fe}.{len(layers)}.conv.weight")
+    layers.append((out, k, 1))
+  if not layers:
+    shape(f"{fe}.0.conv.weight")  # raises the KeyError
+  hidden = shape("feature_projection.projection.weight")[0]
+  group_norm = len(layers) > 1 and not has(f"{fe}.1.layer_norm.weight")
+  kwargs = {
+    "conv_layers": tuple(layers),
+    "extractor_mode": "group_norm" if group_norm else "layer_norm",
+    "conv_bias": has(f"{fe}.0.conv.bias"),
+    "hidden": hidden,
+    "pos_kind": "stacked" if has(f"{pos}.layers.0.conv.weight") else "single",
+  }
+  if kwargs["pos_kind"] == "stacked":
+    depth = 0
+    while has(f"{pos}.layers.{depth}.conv.weight"):
+      depth += 1
+    _, per_group, k = shape(f"{pos}.layers.0.conv.weight")
+  else:
+    depth = 1
+    _, per_group, k = shape(_weight_norm_keys(sd, prefix)[2])
+  kwargs.update(pos_depth=depth, pos_kernel_size=k)
+  kwargs["pos_groups"] = max(1, hidden // per_group)
+  return kwargs
+
+
+def _weight_norm_keys(sd, prefix) -> tuple[str, str, str]:
+  """(bias, g, v) HF keys of the single pos conv, for either weight-norm API
+  (`weight_g`/`weight_v`, or torch parametrizations `original0`/`original1`).
+  """
+  base = "encoder.pos_conv_embed.conv"
+  if prefix + f"{base}.parametrizations.weight.original0" in sd:
+    w = f"{base}.parametrizations.weight"
+    return f"{base}.bias", f"{w}.original0", f"{w}.original1"
+  return f"{base}.bias", f"{base}.weight_g", f"{base}.weight_v"
+
+
+def _get(sd: Mapping[str, Any], prefix: str, key: str) -> np.ndarray:
+  if prefix + key not in sd:
+    raise KeyError(f"HF state dict has no {prefix + key!r}")
+  return np.asarray(sd[prefix + key])
+
+
+def _conv_kernel(w: np.ndarray) -> np.ndarray:
+  # torch (out, in/groups, k) -> Flax (k, in/groups, out)
+  return w.transpose(2, 1, 0)
+
+
+def _key_map(kwargs: dict, sd: Mapping[str, Any], prefix: str) -> list:
+  """[(Flax path, HF key, layout change)] for a `SpeechFrontEnd` config."""
+  same = lambda w: w
+  fe, fp = "feature_extractor.conv_layers", "feature_projection"
+  rows = [("mask_embedding", "masked_spec_embed", same)]
+  for j in range(len(kwargs["conv_layers"])):
+    path = f"feature_extractor/conv_layers_{j}"
+    rows.append((f"{path}/conv/kernel", f"{fe}.{j}.conv.weight", _conv_kernel))
+    if kwargs["conv_bias"]:
+      rows.append((f"{path}/conv/bias", f"{fe}.{j}.conv.bias", same))
+    if kwargs["extractor_mode"] == "layer_norm" or j == 0:
+      # HF names the block-0 GroupNorm `layer_norm` too.
+      norm = f"{path}/{kwargs['extractor_mode']}"
+      rows.append((f"{norm}/scale", f"{fe}.{j}.layer_norm.weight", same))
+      rows.append((f"{norm}/bias", f"{fe}.{j}.layer_norm.bias", same))
+  rows += [
+    (f"{fp}/layer_norm/scale", f"{fp}.layer_norm.weight", same),
+    (f"{fp}/layer_norm/bias", f"{fp}.layer_norm.bias", same),
+    (f"{fp}/projection/kernel", f"{fp}.projection.weight", np.transpose),
+    (f"{fp}/projection/bias", f"{fp}.projection.bias", same),
+  ]
+  if kwargs["pos_kind"] == "stacked":
+    for i in range(kwargs["pos_depth"]):
+      hf = f"encoder.pos_conv_embed.layers.{i}.conv"
+      path = f"pos_conv/layers_{i}/conv"
+      rows.append((f"{path}/kernel", f"{hf}.weight", _conv_kernel))
+      rows.append((f"{path}/bias", f"{hf}.bias", same))
+  else:
+    bias, g, v = _weight_norm_keys(sd, prefix)
+    rows += [
+      ("pos_conv/conv/bias", bias, same),
+      ("pos_conv/conv/weight_g", g, lambda w: w.reshape(-1)),  # (1, 1, k)
+      ("pos_conv/conv/weight_v", v, _conv_kernel),
+    ]
+  return rows
+
+
+def front_end_params_from_hf(
+  state_dict: Mapping[str, np.ndarray],
+  prefix: str = "",
+  *,
+  config: Mapping[str, Any] | None = None,
+) -> dict:
+  """HF `Data2VecAudioModel` (or `Wav2Vec2Model`) weights to `SpeechFrontEnd`.
+
+  Shapes are checked against `jax.eval_shape` of `SpeechFrontEnd.init` with
+  the kwargs from `front_end_config_from_hf(config)`; without `config` the
+  kwargs are read off the state dict's own shapes, which still catches
+  inconsistent tensors (e.g. a conv whose input channels do not match the
+  previous layer). Keys of other modules (the transformer) are ignored.
+  Array dtypes are kept (float64 in, float64 out).
+
+  Args:
+    state_dict: HF key -> array (e.g. `{k: v.numpy() for k, v in
+      model.state_dict().items()}`).
+    prefix: prepended to every HF key (e.g. "data2vec_audio." for the CTC
+      head model).
+    config: optional HF config dict defining the expected shapes.
+
+  Returns:
+    The `params` collection of `SpeechFrontEnd` (wrap as
+    `{"params": tree}` for `apply`).
+
+  Raises:
+    KeyError: naming an HF key that the model needs and the dict lacks.
+    ValueError: naming the HF key, the Flax path and both shapes when a
+      tensor does not have the expected shape.
+  """
+  if config is None:
+    kwargs = _infer_config(state_dict, prefix)
+  else:
+    kwargs = front_end_config_from_hf(config)
+  model = SpeechFrontEnd(**kwargs)
+  wave = jax.ShapeDtypeStruct(
+    (1, receptive_field(kwargs["conv_layers"])), float
+  )
+  expected = jax.eval_shape(lambda w: model.init(jax.random.key(0), w), wave)
+  expected = traverse_util.flatten_dict(expected["params"], sep="/")
+
+  flat = {}
+  for path, key, layout in _key_map(kwargs, state_dict, prefix):
+    flat[path] = layout(_get(state_dict, prefix, key))
+    want = tuple(expected[path].shape)
+    if flat[path].shape != want:
+      raise ValueError(
+        f"{prefix + key} -> {path}: got shape {flat[path].shape} (Flax "
+        f"layout), expected {want}"
+      )
+  # Every parameter of the model must have come from some HF key.
+  assert set(flat) == set(expected), set(flat) ^ set(expected)
+  return traverse_util.unflatten_dict(flat, sep="/")
