@@ -27,11 +27,12 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from d2vjax import ema as ema_lib
 from d2vjax import encoder as encoder_lib
-from d2vjax import losses, targets
+from d2vjax import losses, masking, targets
 
 Array = jax.Array
 
@@ -171,6 +172,42 @@ def _encoder_kwargs(batch: Mapping[str, Array]) -> dict:
   )
 
 
+def check_batch(batch: Mapping[str, Any], modality: str) -> None:
+  """Host-side checks of a pretraining batch; raises `ValueError`.
+
+  Inside the jitted step a degenerate mask would silently give a zero loss,
+  so loops call this on every batch (it is cheap). Rejected: a mask that is
+  not a `[B, T]` boolean array, that masks nothing in the whole batch (no
+  loss positions), that masks every valid position of a row (the student
+  sees no context), or that masks padding; text batches without
+  `targets_ids` of the inputs' shape.
+  """
+  _check_modality(modality)
+  if "inputs" not in batch or "mask" not in batch:
+    raise ValueError("batch needs 'inputs' and 'mask'")
+  mask = np.asarray(batch["mask"])
+  if mask.ndim != 2 or mask.dtype != np.bool_:
+    raise ValueError(
+      f"batch['mask'] must be a [B, T] boolean array, got {mask.dtype} "
+      f"{mask.shape}"
+    )
+  if not mask.any():
+    raise ValueError(
+      "batch['mask'] masks nothing: the loss would have no positions"
+    )
+  padding = None
+  if modality == "text":
+    ids = batch.get("targets_ids")
+    if ids is None or np.shape(ids) != np.shape(batch["inputs"]):
+      raise ValueError(
+        "text batches need 'targets_ids' (the uncorrupted ids the teacher "
+        f"reads) of the inputs' shape {np.shape(batch['inputs'])}"
+      )
+  if modality != "audio" and "attention_mask" in batch:
+    padding = np.asarray(batch["attention_mask"]) == 0
+  masking.check_mask(mask, padding, "batch['mask']", allow_empty_rows=True)
+
+
 def create_pretrain_state(
   rng: Array,
   model: Data2Vec,
@@ -183,6 +220,7 @@ def create_pretrain_state(
 
   The teacher starts as a copy of the initial student encoder.
   """
+  check_batch(batch, model.modality)
   init_rng, rng = jax.random.split(rng)
   if params is None:
     params = jax.jit(

@@ -51,6 +51,9 @@ class VisionEncoder(nn.Module):
     use_rel_pos_bias: one relative-position bias table shared by all blocks.
     use_final_norm: apply the final LayerNorm to all tokens (False for HF
       checkpoints with mean pooling, whose norm sits in the pooler).
+    tap: the per-block tensor exposed as `layer_results`: "end" (block
+      output, the released data2vec_vision targets) or "ffn" (FFN output
+      before the residual, the paper's description).
     remat: recompute blocks in the backward pass.
     dtype: compute dtype (parameters float32).
 
@@ -74,6 +77,7 @@ class VisionEncoder(nn.Module):
   use_abs_pos_emb: bool = False
   use_rel_pos_bias: bool = True
   use_final_norm: bool = True
+  tap: str = "end"
   remat: bool = False
   dtype: Any = jnp.float32
 
@@ -158,7 +162,7 @@ class VisionEncoder(nn.Module):
       layer_scale_init=self.layer_scale_init,
       key_bias=False,
       relative_position_grid=self.grid if self.use_rel_pos_bias else None,
-      tap="end",
+      tap=self.tap,
       remat=self.remat,
       dtype=self.dtype,
       name="encoder",

@@ -202,3 +202,35 @@ def test_gradients_fit_a_frozen_teacher():
 def test_rejects_unknown_modality():
   with pytest.raises(ValueError, match="modality 'video'"):
     pretrain.make_teacher_ema("video", 0.999)
+
+
+def test_check_batch_rejects_degenerate_masks():
+  rng = np.random.default_rng(0)
+  _, batch = _vision(rng)
+  pretrain.check_batch(batch, "vision")
+  with pytest.raises(ValueError, match="masks nothing"):
+    pretrain.check_batch({**batch, "mask": batch["mask"] & False}, "vision")
+  full = batch["mask"].copy()
+  full[2] = True
+  with pytest.raises(ValueError, match="every valid position in row 2"):
+    pretrain.check_batch({**batch, "mask": full}, "vision")
+  with pytest.raises(ValueError, match=r"\[B, T\] boolean"):
+    pretrain.check_batch({**batch, "mask": batch["mask"].astype(int)}, "vision")
+  _, tbatch = _text(rng)
+  with pytest.raises(ValueError, match="targets_ids"):
+    pretrain.check_batch(
+      {k: v for k, v in tbatch.items() if k != "targets_ids"}, "text"
+    )
+  padded = tbatch["mask"].copy()
+  padded[1, -1] = True  # row 1 ends in padding
+  with pytest.raises(ValueError, match="padding"):
+    pretrain.check_batch({**tbatch, "mask": padded}, "text")
+
+
+def test_vision_tap_switch_changes_the_targets():
+  model, _, _, state, batch = _setup("vision")
+  end = pretrain.teacher_targets(model, state.teacher.teacher, batch)
+  ffn_model = model.clone(encoder=model.encoder.clone(tap="ffn"))
+  ffn = pretrain.teacher_targets(ffn_model, state.teacher.teacher, batch)
+  assert end.shape == ffn.shape
+  assert not np.allclose(end, ffn)
