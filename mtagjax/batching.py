@@ -217,8 +217,22 @@ class GraphBatcher:
 
   @property
   def budgets(self) -> tuple[list[int], int]:
-    """The last batch's budgets: (frames per modality, edges) per shard."""
+    """The last batch's budgets: (frames per modality, edges) per shard.
+
+    Assignable, so a resumed run can start from the budgets (and hence the
+    compiled shapes) it had when it stopped.
+    """
     return self._budgets
+
+  @budgets.setter
+  def budgets(self, value: tuple[Sequence[int], int]) -> None:
+    frames, edges = value
+    if len(frames) != len(self.config.modalities):
+      raise ValueError(
+        f"budgets need {len(self.config.modalities)} frame counts, got "
+        f"{len(frames)}"
+      )
+    self._budgets = ([int(f) for f in frames], int(edges))
 
   # -- validation ------------------------------------------------------------
 

@@ -21,6 +21,7 @@ def make_samples(
   seed: int = 0,
   min_lengths: tuple[int, ...] | None = None,
   max_lengths: tuple[int, ...] | None = None,
+  task: str = "regression",
 ) -> list[Sample]:
   """`num` samples whose label depends on the means of a few features.
 
@@ -32,10 +33,14 @@ def make_samples(
       some samples lack a modality, as real data can).
     max_lengths: per modality longest sequence (default: a fifth of
       `config.padded_lengths`, at least 2).
+    task: "regression" (a float in [-3, 3], MOSI-like) or "iemocap" (four
+      binary labels: whether the score exceeds -1, 0, 1 and 2).
 
   Returns:
     A list of `Sample`s with float32 features and float32 labels.
   """
+  if task not in ("regression", "iemocap"):
+    raise ValueError(f"task {task!r}; expected 'regression' or 'iemocap'")
   rng = np.random.default_rng(seed)
   num_mod = len(config.feature_dims)
   if max_lengths is None:
@@ -62,6 +67,11 @@ def make_samples(
         x += mood * directions[m] * np.sqrt(dim) * 0.5
         evidence += weights[m] * float(x.mean(0) @ directions[m])
       feats.append(x.astype(np.float32))
-    label = np.clip(evidence + 0.1 * rng.normal(), -3.0, 3.0)
-    samples.append(Sample(features=feats, label=np.float32(label)))
+    score = np.clip(evidence + 0.1 * rng.normal(), -3.0, 3.0)
+    label = (
+      np.float32(score)
+      if task == "regression"
+      else (score > np.array([-1.0, 0.0, 1.0, 2.0])).astype(np.int32)
+    )
+    samples.append(Sample(features=feats, label=label))
   return samples

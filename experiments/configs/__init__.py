@@ -1,0 +1,1 @@
+"""ml_collections configs: `get_config(arg=None)` per file, variants by arg."""

@@ -1,0 +1,294 @@
+"""The MTAG training loop: sharded steps, evaluation, checkpoints, resume.
+
+Reproduces the official procedure (normalised loss, AdamW, plateau halving
+on the valid metric once per epoch) and adds what it lacks: the best epoch
+by validation is checkpointed and its test metrics are reported. A run can
+be stopped at any step (SIGTERM, or `train.stop_after_steps`) and resumed
+from its workdir with the same subsequent losses as an uninterrupted run:
+the data order is a function of (seed, epoch), the position in the epoch,
+the plateau state and the batch budgets are saved with the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import signal
+import threading
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from experiments import checkpoint as ckpt_lib
+from experiments import progress as progress_lib
+from experiments import writers
+from mtagjax import batching, metrics, schedules, synthetic, train
+from mtagjax import model as model_lib
+
+# Fields that may change between a run and its resumption.
+RESUMABLE_FIELDS = ("train.epochs", "train.stop_after_steps")
+
+
+def load_data(config: ml_collections.ConfigDict) -> dict[str, list]:
+  """The train/valid/test splits as lists of `mtagjax.Sample`s."""
+  d = config.data
+  if d.source != "synthetic":
+    raise ValueError(
+      f"config.data.source={d.source!r}; this build reads 'synthetic' data"
+    )
+  task = "iemocap" if config.train.loss.startswith("iemocap") else "regression"
+  sizes = {"train": d.num_train, "valid": d.num_valid, "test": d.num_test}
+  return {
+    split: synthetic.make_samples(
+      n, config.model, seed=config.train.seed * 1000 + i, task=task
+    )
+    for i, (split, n) in enumerate(sizes.items())
+  }
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The `data` mesh; checks that the batch divides over it."""
+  count = config.mesh.data
+  mesh = train.make_mesh(None if count == -1 else count)
+  devices = mesh.shape["data"]
+  if config.train.batch_size % devices:
+    raise ValueError(
+      f"config.train.batch_size={config.train.batch_size} is not divisible "
+      f"by the {devices} devices of the data axis (config.mesh.data)"
+    )
+  if config.mesh.shards % devices:
+    raise ValueError(
+      f"config.mesh.shards={config.mesh.shards} is not a multiple of the "
+      f"{devices} devices of the data axis"
+    )
+  return mesh
+
+
+def epoch_order(seed: int, epoch: int, num: int) -> np.ndarray:
+  """The shuffled sample order of one epoch (reproducible on resume)."""
+  return np.random.default_rng([seed, epoch]).permutation(num)
+
+
+def epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+  """Index batches of an epoch; like the official loop, skips size-1 ones."""
+  out = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+  return [b for b in out if len(b) > 1]
+
+
+@dataclasses.dataclass
+class _Preemption:
+  """Set by SIGTERM; the loop checkpoints and returns at the next step."""
+
+  requested: bool = False
+
+  def install(self):
+    if threading.current_thread() is not threading.main_thread():
+      return None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+      del signum, frame
+      logging.warning("SIGTERM: checkpointing and stopping")
+      self.requested = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return previous
+
+
+def _plateau_to_json(state: schedules.PlateauState) -> dict[str, Any]:
+  # JSON has no infinity: the initial "best" (+-inf) is stored as None.
+  out = state._asdict()
+  out["best"] = None if not np.isfinite(out["best"]) else float(out["best"])
+  return out
+
+
+def _plateau_from_json(data: dict[str, Any]) -> schedules.PlateauState:
+  data = dict(data)
+  if data["best"] is None:
+    data["best"] = np.inf if data["mode"] == "min" else -np.inf
+  return schedules.PlateauState(**data)
+
+
+def _evaluate(config, evaluate, state, batcher, samples, sharding):
+  preds, labels, loss_sum, count = [], [], 0.0, 0
+  batch_size = config.train.batch_size
+  for start in range(0, len(samples), batch_size):
+    batch = batcher(samples[start : start + batch_size])
+    out = evaluate(state, jax.device_put(batch, sharding))
+    mask = np.asarray(out["mask"])
+    preds.append(np.asarray(out["out"])[mask])
+    labels.append(np.asarray(batch.labels)[mask])
+    loss_sum += float(out["loss"]) * int(mask.sum())
+    count += int(mask.sum())
+  preds, labels = np.concatenate(preds), np.concatenate(labels)
+  if config.train.loss.startswith("iemocap"):
+    result = metrics.iemocap_metrics(preds, labels)
+  else:
+    result = metrics.mosi_metrics(preds[:, 0], labels)
+  result["loss"] = loss_sum / count
+  return result
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str
+) -> train.TrainState:
+  """Trains MTAG, keeps the best epoch by validation, reports its test.
+
+  Args:
+    config: an `experiments/configs/mtag_*.py` config.
+    workdir: where checkpoints, `metrics.jsonl` and TensorBoard files go;
+      an existing run there is resumed.
+
+  Returns:
+    The final training state (on preemption, the state at the stop).
+  """
+  t = config.train
+  mesh = make_mesh(config)
+  shards = config.mesh.shards or mesh.shape["data"]
+  data_sharding = train.batch_sharding(mesh)
+  data = load_data(config)
+  batchers = {
+    split: batching.GraphBatcher(
+      config.model, batch_size=t.batch_size, num_shards=shards
+    )
+    for split in data
+  }
+  model = model_lib.create_model(config.model)
+  tx = train.make_optimizer(t.learning_rate, t.weight_decay)
+  state = train.create_train_state(
+    jax.random.key(t.seed), model, batchers["train"](data["train"][:2]), tx
+  )
+  state = jax.device_put(state, train.replicated(mesh))
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+    state,
+  )
+  checkpoints = ckpt_lib.Checkpointer(
+    workdir,
+    config,
+    keep=t.keep_checkpoints,
+    best_metric=t.best_metric,
+    best_mode=t.best_mode,
+    ignore_fields=RESUMABLE_FIELDS,
+  )
+  epoch, position = 0, 0
+  plateau = schedules.plateau_init(t.learning_rate)
+  restored = checkpoints.restore(abstract)
+  if restored is not None:
+    state, extra, _ = restored
+    epoch, position = extra["epoch"], extra["position"]
+    plateau = _plateau_from_json(extra["plateau"])
+    for split, budgets in extra["budgets"].items():
+      batchers[split].budgets = budgets
+    logging.info("resumed at step %d (epoch %d)", int(state.step), epoch)
+
+  loss_kw = dict(loss=t.loss, beta=t.loss_beta)
+  step_fn = jax.jit(
+    functools.partial(
+      train.train_step,
+      model=model,
+      tx=tx,
+      normalize=t.normalize_loss,
+      **loss_kw,
+    ),
+    donate_argnums=(0,),
+  )
+  evaluate = jax.jit(functools.partial(train.eval_step, model=model, **loss_kw))
+  preemption = _Preemption()
+  previous_handler = preemption.install()
+  writer = writers.MetricWriter(workdir)
+  per_epoch = len(epoch_batches(np.arange(len(data["train"])), t.batch_size))
+  progress = progress_lib.Progress(
+    t.epochs * per_epoch, initial_step=int(state.step), desc="mtag"
+  )
+
+  def extra_state(epoch, position):
+    return {
+      "epoch": epoch,
+      "position": position,
+      "plateau": _plateau_to_json(plateau),
+      "budgets": {k: list(b.budgets) for k, b in batchers.items()},
+    }
+
+  steps_this_process = 0
+  try:
+    while epoch < t.epochs:
+      order = epoch_order(t.seed, epoch, len(data["train"]))
+      batches = epoch_batches(order, t.batch_size)
+      for index in range(position, len(batches)):
+        samples = [data["train"][i] for i in batches[index]]
+        batch = batchers["train"](samples)
+        state, m = step_fn(state, jax.device_put(batch, data_sharding))
+        steps_this_process += 1
+        step = int(state.step)
+        if step % t.log_every == 0:
+          writer.write_scalars(step, {f"train/{k}": v for k, v in m.items()})
+        progress.update(step, {"loss": float(m["loss"])})
+        stop = preemption.requested or (
+          t.stop_after_steps and steps_this_process >= t.stop_after_steps
+        )
+        if stop or (t.checkpoint_every and step % t.checkpoint_every == 0):
+          checkpoints.save(
+            step, state, extra=extra_state(epoch, index + 1), force=stop
+          )
+        if stop:
+          checkpoints.wait()
+          return state
+      valid = _evaluate(
+        config,
+        evaluate,
+        state,
+        batchers["valid"],
+        data["valid"],
+        data_sharding,
+      )
+      step = int(state.step)
+      writer.write_scalars(
+        step, {f"eval/valid/{k}": v for k, v in valid.items()}
+      )
+      monitored = valid["mae"] if "mae" in valid else valid["loss"]
+      plateau = schedules.plateau_update(
+        plateau,
+        monitored,
+        factor=t.plateau_factor,
+        patience=t.plateau_patience,
+        threshold=t.plateau_threshold,
+      )
+      state = train.set_learning_rate(state, plateau.lr)
+      epoch, position = epoch + 1, 0
+      checkpoints.save(
+        step,
+        state,
+        extra=extra_state(epoch, 0),
+        metrics={f"eval/valid/{k}": v for k, v in valid.items()},
+        force=True,
+      )
+      logging.info("epoch %d: %s", epoch, valid)
+    checkpoints.wait()
+    best = checkpoints.restore_best(abstract)
+    if best is not None:
+      best_state, _, best_step = best
+      test = _evaluate(
+        config,
+        evaluate,
+        best_state,
+        batchers["test"],
+        data["test"],
+        data_sharding,
+      )
+      writer.write_scalars(
+        int(state.step), {f"eval/test/{k}": v for k, v in test.items()}
+      )
+      print(f"\ntest metrics of the best epoch (step {best_step}):")
+      for name, value in test.items():
+        print(f"  {name:<16}{value:9.4f}")
+    return state
+  finally:
+    progress.close()
+    writer.close()
+    checkpoints.close()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)

@@ -1,0 +1,117 @@
+"""MTAG training end to end: metrics, best checkpoint, resume, SIGTERM."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from experiments import mtag_loop, progress, train_mtag, writers
+from experiments.configs import mtag_iemocap, mtag_mosi
+
+
+def _config(**train):
+  c = mtag_mosi.get_config("tiny")
+  c.mesh.data = 1
+  for k, v in train.items():
+    setattr(c.train, k, v)
+  return c
+
+
+def _train_losses(workdir):
+  records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  state = train_mtag.run(_config(), workdir)
+  return workdir, state
+
+
+def test_tiny_run_logs_evaluates_and_keeps_the_best(uninterrupted, capsys):
+  workdir, state = uninterrupted
+  records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  losses = _train_losses(workdir)
+  per_epoch = len(mtag_loop.epoch_batches(np.arange(48), 8))
+  assert sorted(losses) == list(range(1, 2 * per_epoch + 1))
+  assert int(state.step) == 2 * per_epoch
+  valid = [r for r in records if "eval/valid/mae" in r]
+  assert [r["step"] for r in valid] == [per_epoch, 2 * per_epoch]
+  test = [r for r in records if "eval/test/mae" in r]
+  assert len(test) == 1 and np.isfinite(test[0]["eval/test/acc2"])
+  assert os.path.isdir(os.path.join(workdir, "best"))
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_resume_reproduces_the_uninterrupted_losses(uninterrupted, tmp_path):
+  full, _ = uninterrupted
+  workdir = str(tmp_path)
+  # Stop mid-epoch, then mid-next-epoch, then finish.
+  train_mtag.run(_config(stop_after_steps=3), workdir)
+  train_mtag.run(_config(stop_after_steps=4), workdir)
+  train_mtag.run(_config(), workdir)
+  assert _train_losses(workdir) == _train_losses(full)  # bit for bit
+
+
+def test_sigterm_checkpoints_and_resumes(uninterrupted, tmp_path, monkeypatch):
+  full, _ = uninterrupted
+  workdir = str(tmp_path)
+  update = progress.Progress.update
+
+  def update_then_signal(self, step, metrics=None):
+    update(self, step, metrics)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with monkeypatch.context() as m:
+    m.setattr(progress.Progress, "update", update_then_signal)
+    state = train_mtag.run(_config(), workdir)
+  assert int(state.step) == 2
+  assert signal.getsignal(signal.SIGTERM) is not None
+  train_mtag.run(_config(), workdir)
+  assert _train_losses(workdir) == _train_losses(full)
+
+
+def test_eight_devices_match_one_device(tmp_path):
+  losses = []
+  for devices in (1, 8):
+    c = _config()
+    c.train.epochs = 1
+    c.mesh.data, c.mesh.shards = devices, 8
+    workdir = str(tmp_path / f"d{devices}")
+    train_mtag.run(c, workdir)
+    losses.append(_train_losses(workdir))
+  assert losses[0].keys() == losses[1].keys()
+  np.testing.assert_allclose(
+    list(losses[0].values()), list(losses[1].values()), rtol=1e-5
+  )
+
+
+def test_iemocap_tiny_runs(tmp_path):
+  c = mtag_iemocap.get_config("tiny")
+  c.mesh.data = 1
+  c.train.epochs = 1
+  train_mtag.run(c, str(tmp_path))
+  records = writers.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert any("eval/test/mean/f1" in r for r in records)
+
+
+def test_bad_configs_fail_at_start(tmp_path):
+  c = _config()
+  c.mesh.data = 8
+  c.train.batch_size = 12
+  with pytest.raises(ValueError, match="batch_size=12 is not divisible"):
+    train_mtag.run(c, str(tmp_path / "a"))
+  c = _config()
+  c.mesh.shards = 3
+  c.mesh.data = 2
+  with pytest.raises(ValueError, match="mesh.shards=3"):
+    train_mtag.run(c, str(tmp_path / "b"))
+  # A workdir holding another config's run.
+  c = _config(stop_after_steps=1)
+  train_mtag.run(c, str(tmp_path / "c"))
+  c.model.hidden = 32
+  with pytest.raises(ValueError, match="hidden"):
+    train_mtag.run(c, str(tmp_path / "c"))
