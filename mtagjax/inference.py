@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,6 +19,16 @@ def _as_sample(item: Any) -> batching.Sample:
   if isinstance(item, batching.Sample):
     return item
   return batching.Sample(features=list(item))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_apply(config_json: str):
+  # One jitted forward per model config, so repeated predict() calls (a
+  # notebook loop) reuse compilations instead of tracing a new lambda.
+  model = model_lib.create_model(
+    ml_collections.ConfigDict(json.loads(config_json))
+  )
+  return jax.jit(lambda v, b: model.apply(v, b, train=False)[0])
 
 
 def predict(
@@ -52,8 +64,7 @@ def predict(
   dtype = np.float64 if np.dtype(leaf.dtype) == np.float64 else np.float32
   size = min(batch_size, len(samples))
   batcher = batching.GraphBatcher(config, batch_size=size, dtype=dtype)
-  model = model_lib.create_model(config)
-  apply = jax.jit(lambda v, b: model.apply(v, b, train=False)[0])
+  apply = _jitted_apply(config.to_json_best_effort(sort_keys=True))
   outs = []
   for start in range(0, len(samples), size):
     chunk = samples[start : start + size]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mtagjax
-from mtagjax import batching, convert
+from mtagjax import batching, convert, inference
 from mtagjax import config as config_lib
 from mtagjax import model as model_lib
 
@@ -124,9 +124,12 @@ def test_predict_matches_fixture(fx):
   # length, which is where these left-padded samples had them.
   preds = mtagjax.predict(variables, config, samples)
   np.testing.assert_allclose(preds, fx["out"], atol=1e-5)
+  hits = inference._jitted_apply.cache_info().hits
   alone = mtagjax.predict(variables, config, samples[:1])
   np.testing.assert_allclose(alone, [fx["b1/out"]], atol=1e-5)
   assert preds.shape == (3,)
+  # The second call reuses the jitted forward of the same config.
+  assert inference._jitted_apply.cache_info().hits == hits + 1
 
 
 def test_sinusoid_table_close_to_official_buffer(fx):
