@@ -1,0 +1,299 @@
+r"""Fine-tuning data2vec encoders: speech CTC, image classes, GLUE-style text.
+
+  python -m experiments.finetune_d2v \
+    --config=experiments/configs/d2v_finetune.py:speech \
+    --config.init=pretrain:/tmp/d2v_audio --workdir=/tmp/ft_speech
+  python -m experiments.finetune_d2v \
+    --config=experiments/configs/d2v_finetune.py:image_tiny \
+    --workdir=/tmp/ft_image_tiny
+
+Variants (spec §6):
+
+* ``speech`` (= ``speech_10h``) and ``speech_{10m,1h,10h,100h,960h}``: a
+  linear CTC layer over the 32 letters of fairseq's LibriSpeech dictionary
+  (blank = ``<s>`` = 0) on the data2vec audio encoder. The CNN is frozen
+  throughout and, for the first ``optim.freeze_finetune_updates`` updates,
+  the whole encoder (only the CTC layer trains). Time masking with spans of
+  10 frames at probability 0.65 (0.5 for 960h) through the pretrained mask
+  embedding. fairseq Adam (0.9, 0.98) ε 1e-8 without weight decay;
+  tri-stage schedule (10 / 40 / 50 %) from and to 0.01 / 0.05 of the peak.
+  Channel masking (``mask_channel_prob`` 0.1-0.5 in the reference) is not
+  available: `d2vjax.finetune.CTCModel` has no hook for it.
+* ``image``: ViT-B/16, mean of the patch tokens, new ``fc_norm`` and a head
+  initialised ×0.001; AdamW (0.9, 0.999) ε 1e-8 with layer-wise decay 0.65,
+  peak 4e-3 for batch 1024, 10 of 100 epochs of warm-up then cosine to
+  1e-6, weight decay 0 (0.05 for ViT-L, which also uses 50 epochs, lr 5e-3
+  and drop path 0.25), drop path 0.2, Mixup 0.8 / CutMix 1.0 with label
+  smoothing 0.1.
+* ``text`` (= ``text_sst2``) and ``text_{cola,mnli,mrpc,qnli,qqp,rte,sst2,
+  stsb}``: RoBERTa's GLUE recipe, a tanh head on ``<s>``; fairseq Adam (0.9,
+  0.98) ε 1e-6 with weight decay 0.1, 6 % linear warm-up then linear decay
+  to 0 (the per-task lr, batch and updates of the RoBERTa yamls).
+  ``model.num_labels == 1`` makes it a regression (STS-B: MSE, Pearson).
+* ``<task>_tiny``: a small encoder on generated data that runs in seconds on
+  a CPU; the tests train these.
+
+``config.init`` picks the starting encoder: ``"scratch"`` (random, with the
+architecture in ``config.model.encoder``), ``"pretrain:<workdir>"`` (the
+student encoder of a `experiments.pretrain_d2v` run; the architecture is
+the pretraining config's) or ``"hf:<folder>"`` (an HF data2vec checkpoint
+folder read by `d2vjax.convert.load_hf_checkpoint`; the architecture is the
+checkpoint's). ``config.model.overrides`` (dropouts, drop path, LayerDrop,
+dtype) applies on top in every case.
+
+Data are *generated* (``config.data.source="synthetic"``, see
+`experiments.finetune_loop`): speech is a sequence of tones, one pitch per
+letter of a random transcript; an image's class is the hue sector of its
+mean colour; a text's label is the most frequent token group (regression:
+the share of one group, scaled to STS-B's 0-5). Corpus readers (LibriSpeech,
+ImageNet, GLUE) plug in at ``config.data.source``.
+"""
+
+import ml_collections
+
+from d2vjax import speech
+
+# split: (peak lr, updates, freeze_finetune_updates, mask_prob, layerdrop)
+_SPEECH_SPLITS = {
+  "10m": (5e-5, 13_000, 10_000, 0.65, 0.1),
+  "1h": (5e-5, 13_000, 10_000, 0.65, 0.1),
+  "10h": (5e-5, 20_000, 10_000, 0.65, 0.05),
+  "100h": (3e-5, 80_000, 0, 0.65, 0.1),
+  "960h": (1e-4, 320_000, 0, 0.5, 0.1),
+}
+
+# task: (num_labels, peak lr, batch size, updates, warm-up updates)
+_GLUE_TASKS = {
+  "cola": (2, 1e-5, 16, 5_336, 320),
+  "mnli": (3, 1e-5, 32, 123_873, 7_432),
+  "mrpc": (2, 1e-5, 16, 2_296, 137),
+  "qnli": (2, 1e-5, 32, 33_112, 1_986),
+  "qqp": (2, 1e-5, 32, 113_272, 28_318),
+  "rte": (2, 2e-5, 16, 2_036, 122),
+  "sst2": (2, 1e-5, 32, 20_935, 1_256),
+  "stsb": (1, 2e-5, 16, 3_598, 214),
+}
+
+
+def _variants() -> list[str]:
+  names = ["speech", "image", "text"]
+  names += [f"speech_{s}" for s in _SPEECH_SPLITS]
+  names += [f"text_{t}" for t in _GLUE_TASKS]
+  return names + [f"{t}_tiny" for t in ("speech", "image", "text")]
+
+
+def _common(task: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.init = "scratch"
+
+  c.model = ml_collections.ConfigDict()
+  # Architecture, used only with init="scratch".
+  c.model.encoder = ml_collections.ConfigDict()
+  # Fine-tuning regularisation and compute settings, applied to the
+  # encoder whatever its origin.
+  c.model.overrides = ml_collections.ConfigDict()
+  c.model.overrides.dtype = "float32"
+  c.model.overrides.remat = False
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.clip_norm = 0.0  # 0 = no clipping (all three recipes)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.seed = 0
+  c.train.log_every = 100
+  c.train.eval_every = 1_000  # steps; the last step is always evaluated
+  c.train.checkpoint_every = 5_000
+  c.train.keep_checkpoints = 3
+  # "" = the task's metric: eval/valid/wer (min) for speech,
+  # eval/valid/accuracy (max) for classes, eval/valid/pearson (max) for
+  # regression.
+  c.train.best_metric = ""
+  # Simulated preemption for tests: checkpoint and return after this many
+  # steps of this process; 0 = never.
+  c.train.stop_after_steps = 0
+
+  c.data = ml_collections.ConfigDict()
+  # "synthetic": generated examples (experiments.finetune_loop).
+  c.data.source = "synthetic"
+  c.data.num_valid = 1_024
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # devices on the data axis; -1 = all
+  return c
+
+
+def _speech(split: str) -> ml_collections.ConfigDict:
+  lr, steps, freeze, mask_prob, layerdrop = _SPEECH_SPLITS[split]
+  c = _common("speech")
+  e = c.model.encoder
+  e.conv_layers = speech.BASE_CONV_LAYERS
+  e.hidden, e.num_layers, e.heads, e.mlp_dim = 768, 12, 12, 3072
+  e.pos_kernel_size, e.pos_groups, e.pos_depth = 19, 16, 5
+  o = c.model.overrides
+  o.dropout_rate = 0.0
+  o.attention_dropout_rate = 0.0
+  o.activation_dropout_rate = 0.1
+  o.feature_dropout_rate = 0.0  # fairseq dropout_input
+  o.layerdrop = layerdrop
+  c.model.final_dropout = 0.0
+  c.model.freeze_feature_extractor = True  # fairseq feature_grad_mult 0
+
+  # fairseq compute_mask_indices as data2vec_audio's apply_mask calls it.
+  c.mask = ml_collections.ConfigDict()
+  c.mask.mask_prob = mask_prob
+  c.mask.mask_length = 10
+  c.mask.min_masks = 1
+  c.mask.require_same_masks = True
+
+  c.optim.peak_lr = lr
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.phase_ratio = (0.1, 0.4, 0.5)
+  c.optim.init_lr_scale = 0.01
+  c.optim.final_lr_scale = 0.05
+  c.optim.freeze_finetune_updates = freeze
+
+  # 3.2M samples x 2 GPUs x update_freq 4 = 25.6M samples per update: 80
+  # clips of up to 20 s, padded.
+  c.train.batch_size = 80
+  c.train.steps = steps
+
+  c.data.num_samples = 320_000  # padded clip length
+  c.data.sample_rate = 16_000
+  c.data.min_samples = 32_000  # shorter transcripts end in silence
+  # Samples per letter (and per word break) of a clip, drawn per clip: 4 to
+  # 8 frames, so that every transcript fits its CTC alignment.
+  c.data.min_letter_samples = 1_280
+  c.data.max_letter_samples = 2_560
+  # Generated transcripts: words of these letters, one tone per letter.
+  c.data.letters = "ETAONIHSRDLU"
+  c.data.max_words = 12
+  c.data.max_word_length = 8
+  c.data.max_label_length = 120  # labels are padded to this many letters
+  return c
+
+
+def _image() -> ml_collections.ConfigDict:
+  c = _common("image")
+  e = c.model.encoder
+  e.image_size, e.patch_size = 224, 16
+  e.hidden, e.num_layers, e.heads, e.mlp_dim = 768, 12, 12, 3072
+  e.layer_norm_eps = 1e-6
+  e.layer_scale_init = 0.1
+  o = c.model.overrides
+  o.dropout_rate = 0.0
+  o.attention_dropout_rate = 0.0
+  o.drop_path_rate = 0.2
+  c.model.num_classes = 1_000
+  c.model.init_scale = 0.001
+
+  c.optim.peak_lr = 4e-3
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+  c.optim.weight_decay = 0.0  # 0.05 for ViT-L; matrices only
+  c.optim.layer_decay = 0.65
+  # 100 epochs of ImageNet-1k (1 281 167 images) at batch 1024.
+  c.optim.warmup_steps = 12_511  # 10 epochs
+  c.optim.end_lr = 1e-6
+
+  c.mixup = ml_collections.ConfigDict()
+  c.mixup.mixup_alpha = 0.8
+  c.mixup.cutmix_alpha = 1.0
+  c.mixup.switch_prob = 0.5
+  c.mixup.prob = 1.0
+  c.mixup.smoothing = 0.1
+
+  c.train.batch_size = 1_024
+  c.train.steps = 125_114
+  return c
+
+
+def _text(task: str) -> ml_collections.ConfigDict:
+  num_labels, lr, batch_size, steps, warmup = _GLUE_TASKS[task]
+  c = _common("text")
+  e = c.model.encoder
+  e.vocab_size, e.max_positions, e.pad_id = 50_265, 514, 1
+  e.hidden, e.num_layers, e.heads, e.mlp_dim = 768, 12, 12, 3072
+  o = c.model.overrides
+  o.dropout_rate = 0.1
+  o.attention_dropout_rate = 0.1
+  o.activation_dropout_rate = 0.0
+  o.layerdrop = 0.0
+  c.model.num_labels = num_labels  # 1 = regression (MSE)
+  c.model.pooler_dropout = 0.0
+
+  c.optim.peak_lr = lr  # the data2vec README sweeps 1e-5, 2e-5, 4e-5, 6e-5
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-6
+  c.optim.weight_decay = 0.1
+  c.optim.warmup_steps = warmup  # 6 % of the updates
+
+  c.train.batch_size = batch_size
+  c.train.steps = steps
+
+  c.data.seq_len = 512  # padded length, <s> and </s> included
+  c.data.min_len = 8
+  c.data.bos_id, c.data.eos_id, c.data.num_special = 0, 2, 4
+  return c
+
+
+def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config so that its run takes seconds on a CPU."""
+  e, t = c.model.encoder, c.train
+  e.hidden, e.num_layers, e.heads, e.mlp_dim = 16, 2, 2, 32
+  t.log_every, t.checkpoint_every = 1, 4
+  c.data.num_valid = 32
+  if c.task == "speech":
+    e.conv_layers = ((16, 10, 5), (16, 3, 2))  # 10 samples per frame
+    e.num_layers = 1
+    e.pos_kernel_size, e.pos_groups, e.pos_depth = 4, 2, 1
+    c.model.overrides.layerdrop = 0.0
+    c.mask.mask_length = 4
+    c.optim.peak_lr = 2e-3
+    c.optim.freeze_finetune_updates = 3  # both step variants run
+    t.batch_size, t.steps, t.eval_every = 8, 8, 4
+    c.data.num_samples, c.data.min_samples = 1_000, 300
+    c.data.min_letter_samples, c.data.max_letter_samples = 40, 120
+    c.data.letters = "ETAO"
+    c.data.max_words, c.data.max_word_length = 2, 3
+    c.data.max_label_length = 8
+  elif c.task == "image":
+    e.image_size, e.patch_size = 16, 4
+    c.model.num_classes = 3
+    c.optim.peak_lr = 3e-3
+    c.optim.warmup_steps = 2
+    t.batch_size, t.steps, t.eval_every = 16, 24, 12
+  else:
+    e.vocab_size, e.max_positions, e.num_layers = 50, 40, 1
+    c.optim.peak_lr = 1e-3
+    c.optim.warmup_steps = 1
+    t.batch_size, t.steps, t.eval_every = 8, 8, 4
+    c.data.seq_len, c.data.min_len = 16, 6
+  return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the config of a variant, e.g. "speech", "image_tiny".
+
+  Args:
+    arg: the variant; ``task:tiny`` is accepted for ``task_tiny``.
+
+  Returns:
+    The config.
+
+  Raises:
+    ValueError: for an unknown variant.
+  """
+  variant = (arg or "").replace(":", "_")
+  if variant not in _variants():
+    raise ValueError(
+      f"unknown variant {arg!r} of d2v_finetune; use one of {_variants()}"
+    )
+  tiny = variant.endswith("_tiny")
+  base = variant.removesuffix("_tiny")
+  if base.startswith("speech"):
+    c = _speech(base.partition("_")[2] or "10h")
+  elif base == "image":
+    c = _image()
+  else:
+    c = _text(base.partition("_")[2] or "sst2")
+  return _tiny(c) if tiny else c

@@ -1,0 +1,311 @@
+"""data2vec fine-tuning end to end: tiny tasks, inits, resume, SIGTERM."""
+
+import json
+import os
+import pathlib
+import signal
+import struct
+import warnings
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+from jax.experimental.compilation_cache import compilation_cache
+
+from d2vjax import convert
+from experiments import checkpoint as ckpt_lib
+from experiments import d2v_loop, finetune_d2v, finetune_loop, progress, writers
+from experiments.configs import d2v_finetune, d2v_vision
+
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "d2v"
+TASKS = ("speech", "image", "text")
+# Parameters of the converted HF encoder that fine-tuning does not use: the
+# pretraining final norm (mean pooling has fc_norm) and the mask token.
+_UNUSED_BY_CLASSIFIER = ("norm/scale", "norm/bias", "mask_token")
+
+
+def _config(task, **train):
+  c = d2v_finetune.get_config(f"{task}_tiny")
+  c.mesh.data = 1
+  for k, v in train.items():
+    setattr(c.train, k, v)
+  return c
+
+
+def _records(workdir):
+  return writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+
+
+def _train_losses(workdir):
+  return {
+    r["step"]: r["train/loss"] for r in _records(workdir) if "train/loss" in r
+  }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _xla_cache(tmp_path_factory):
+  # Resumed runs compile the programs of the uninterrupted one again; a
+  # persistent cache in a temporary directory turns that into loading them.
+  # The process-wide settings are put back for the other modules.
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+  )
+  saved = {name: getattr(jax.config, name) for name in names}
+  jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update(names[1], 0)
+  compilation_cache.reset_cache()
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """One uninterrupted run per tiny task, trained once for the module."""
+  cache = {}
+
+  def get(task):
+    if task not in cache:
+      workdir = str(tmp_path_factory.mktemp(task))
+      cache[task] = workdir, finetune_d2v.run(_config(task), workdir)
+    return cache[task]
+
+  return get
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_tiny_task_trains_evaluates_and_keeps_the_best(runs, task):
+  workdir, state = runs(task)
+  c = _config(task)
+  assert int(state.step) == c.train.steps
+  losses = _train_losses(workdir)
+  assert sorted(losses) == list(range(1, c.train.steps + 1))
+  assert all(np.isfinite(v) for v in losses.values())
+  metric, _ = finetune_loop.best_metric(c)
+  evals = [r for r in _records(workdir) if metric in r]
+  assert [r["step"] for r in evals] == list(
+    range(c.train.eval_every, c.train.steps + 1, c.train.eval_every)
+  )
+  assert all(np.isfinite(r[metric]) for r in evals)
+  assert os.listdir(os.path.join(workdir, "best"))
+  if task == "speech":
+    assert {"eval/valid/cer", "eval/valid/loss"} <= evals[-1].keys()
+
+
+def test_image_accuracy_beats_chance(runs):
+  workdir, _ = runs("image")
+  c = _config("image")
+  encoder, _ = finetune_loop.load_encoder(c, finetune_loop.make_mesh(c))
+  labels = np.concatenate(
+    [b["labels"] for b in finetune_loop.valid_batches(c, encoder)]
+  )[: c.data.num_valid]
+  majority = np.bincount(labels).max() / labels.size
+  final = [r for r in _records(workdir) if "eval/valid/accuracy" in r][-1]
+  assert final["eval/valid/accuracy"] >= max(0.7, majority + 0.2)
+
+
+def test_resume_reproduces_the_uninterrupted_losses(runs, tmp_path):
+  full, _ = runs("image")
+  workdir = str(tmp_path)
+  # Stops after the step-12 evaluation, mid-way to the next one.
+  state = finetune_d2v.run(_config("image", stop_after_steps=13), workdir)
+  assert int(state.step) == 13
+  finetune_d2v.run(_config("image"), workdir)
+  assert _train_losses(workdir) == _train_losses(full)  # bit for bit
+
+
+def test_sigterm_checkpoints_and_resumes(runs, tmp_path, monkeypatch):
+  full, _ = runs("image")
+  workdir = str(tmp_path)
+  update = progress.Progress.update
+
+  def update_then_signal(self, step, metrics=None):
+    update(self, step, metrics)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with monkeypatch.context() as m:
+    m.setattr(progress.Progress, "update", update_then_signal)
+    state = finetune_d2v.run(_config("image"), workdir)
+  assert int(state.step) == 2
+  finetune_d2v.run(_config("image"), workdir)
+  assert _train_losses(workdir) == _train_losses(full)
+
+
+def _adam_count(state, branch):
+  multi = next(
+    s for s in state.opt_state if isinstance(s, optax.MultiTransformState)
+  )
+  return int(multi.inner_states[branch].inner_state[0].count)
+
+
+def test_speech_freezes_the_cnn_and_at_first_the_encoder(runs):
+  workdir, state = runs("speech")
+  c = _config("speech")
+  # The CTC layer trained every step, the rest of the encoder only after
+  # the frozen phase: fairseq's per-parameter Adam steps.
+  steps, frozen = c.train.steps, c.optim.freeze_finetune_updates
+  assert 0 < frozen < steps
+  assert _adam_count(state, "proj") == steps
+  assert _adam_count(state, "encoder") == steps - frozen
+  # Between the checkpoints of steps 4 and 8 everything moved but the CNN.
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+    state,
+  )
+  with ckpt_lib.Checkpointer(
+    workdir, c, ignore_fields=finetune_loop.RESUMABLE_FIELDS
+  ) as checkpoints:
+    earlier, _, _ = checkpoints.restore(abstract, step=c.train.checkpoint_every)
+  before = traverse_util.flatten_dict(jax.device_get(earlier.params))
+  after = traverse_util.flatten_dict(jax.device_get(state.params))
+  cnn = ("encoder", "front_end", "feature_extractor")
+  for key, value in before.items():
+    moved = not np.array_equal(value, after[key])
+    assert moved != (key[:3] == cnn), key
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_batches_are_a_function_of_seed_and_step(task):
+  c = _config(task)
+  encoder, _ = finetune_loop.load_encoder(c, finetune_loop.make_mesh(c))
+  first, again, later = (
+    finetune_loop.batch_at(c, encoder, step) for step in (3, 3, 4)
+  )
+  assert first.keys() == again.keys() == later.keys()
+  for key, value in first.items():
+    np.testing.assert_array_equal(value, again[key], err_msg=key)
+  assert any(not np.array_equal(v, later[k]) for k, v in first.items())
+  if task == "speech":
+    padding = finetune_loop.frame_padding(c, encoder, first["attention_mask"])
+    assert padding.any() and first["time_mask"].any()
+    assert not (first["time_mask"] & padding).any()
+  if task == "image":
+    np.testing.assert_allclose(first["targets"].sum(axis=-1), 1, rtol=1e-6)
+
+
+def test_text_regression_labels_and_metric():
+  c = _config("text")
+  c.model.num_labels = 1
+  assert finetune_loop.best_metric(c) == ("eval/valid/pearson", "max")
+  encoder, _ = finetune_loop.load_encoder(c, finetune_loop.make_mesh(c))
+  labels = finetune_loop.valid_batches(c, encoder)[0]["labels"]
+  assert labels.dtype == np.float32 and labels.std() > 0
+  assert 0 <= labels.min() and labels.max() <= 5
+
+
+# ---------------------------------------------------------------------------
+# Initialisation from an HF checkpoint.
+
+
+def _write_safetensors(path, tensors):
+  """A minimal safetensors writer: header length, JSON header, raw bytes."""
+  header, chunks, offset = {}, [], 0
+  for name, value in tensors.items():
+    data = np.ascontiguousarray(value, "<f4").tobytes()
+    header[name] = {
+      "dtype": "F32",
+      "shape": list(value.shape),
+      "data_offsets": [offset, offset + len(data)],
+    }
+    chunks.append(data)
+    offset += len(data)
+  blob = json.dumps(header).encode()
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
+
+
+@pytest.fixture(scope="module")
+def hf_vision(tmp_path_factory):
+  """The tiny HF vision fixture as a checkpoint folder, and its config."""
+  folder = tmp_path_factory.mktemp("hf_vision")
+  with np.load(FIXTURES / "hf_vision_tiny.npz") as z:
+    state_dict = {
+      k.removeprefix("param/"): z[k] for k in z.files if k.startswith("param/")
+    }
+    hf_config = json.loads(str(z["config_json"]))
+  _write_safetensors(folder / "model.safetensors", state_dict)
+  (folder / "config.json").write_text(json.dumps(hf_config))
+  return str(folder), state_dict, hf_config
+
+
+def test_hf_init_starts_from_the_converted_encoder(hf_vision, tmp_path):
+  folder, state_dict, hf_config = hf_vision
+  c = _config("image", steps=2, eval_every=2)
+  c.init = f"hf:{folder}"
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the unused norm and mask token
+    encoder, pretrained = finetune_loop.load_encoder(
+      c, finetune_loop.make_mesh(c)
+    )
+    model = finetune_loop.create_model(c, encoder)
+    state, _, _ = finetune_loop.create_state(c, model, encoder, pretrained)
+    _, converted = convert.from_hf(state_dict, hf_config)
+  assert encoder.image_size == (32, 32) and not encoder.use_final_norm
+  want = traverse_util.flatten_dict(converted, sep="/")
+  got = traverse_util.flatten_dict(state.params["encoder"], sep="/")
+  assert set(want) - set(got) == set(_UNUSED_BY_CLASSIFIER)
+  assert set(got) <= set(want)
+  for key, value in got.items():
+    np.testing.assert_array_equal(value, want[key], err_msg=key)
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    final = finetune_d2v.run(c, str(tmp_path))
+  assert int(final.step) == 2
+  assert all(np.isfinite(v) for v in _train_losses(str(tmp_path)).values())
+  assert any("eval/valid/accuracy" in r for r in _records(str(tmp_path)))
+
+
+def test_pretrain_init_takes_the_student_encoder(tmp_path):
+  # Not the pretrain_d2v entry point: its --config flag would clash with
+  # other entry points imported in the same test process.
+  pretrain_config = d2v_vision.get_config("tiny")
+  pretrain_config.mesh.data = 1
+  pretrain_config.train.steps = 1
+  pretrained = d2v_loop.pretrain(pretrain_config, str(tmp_path / "pretrain"))
+  c = _config("image")
+  c.init = f"pretrain:{tmp_path / 'pretrain'}"
+  encoder, params = finetune_loop.load_encoder(c, finetune_loop.make_mesh(c))
+  m = pretrain_config.model
+  assert (encoder.hidden, encoder.num_layers) == (m.hidden, m.num_layers)
+  assert encoder.drop_path_rate == c.model.overrides.drop_path_rate
+  assert not encoder.use_final_norm
+  want = traverse_util.flatten_dict(
+    jax.device_get(pretrained.params["encoder"]), sep="/"
+  )
+  got = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+  assert got.keys() == want.keys()
+  for key, value in got.items():
+    np.testing.assert_array_equal(value, want[key], err_msg=key)
+
+
+# ---------------------------------------------------------------------------
+# Bad configs.
+
+
+def test_unknown_variant_fails():
+  with pytest.raises(ValueError, match="unknown variant 'audio'"):
+    d2v_finetune.get_config("audio")
+  with pytest.raises(ValueError, match="unknown variant"):
+    d2v_finetune.get_config(None)
+  assert d2v_finetune.get_config("image:tiny").task == "image"
+
+
+def test_bad_init_fails_before_training(hf_vision, tmp_path):
+  c = _config("text")
+  mesh = finetune_loop.make_mesh(c)
+  c.init = "checkpoint:/nowhere"
+  with pytest.raises(ValueError, match="config.init"):
+    finetune_loop.load_encoder(c, mesh)
+  c.init = f"hf:{hf_vision[0]}"
+  with pytest.raises(ValueError, match="needs a TextEncoder"):
+    finetune_loop.load_encoder(c, mesh)
+  c = _config("speech")
+  c.data.max_label_length = 4
+  with pytest.raises(ValueError, match="max_label_length"):
+    finetune_d2v.run(c, str(tmp_path))
