@@ -20,11 +20,16 @@ from experiments import mtag_loop
 from mtagjax import train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-  "config", None, "Training config (a file:variant).", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _define_flags() -> None:
+  # Defined when run as a program, not on import: every entry point owns a
+  # --config flag, and a test process imports several of them.
+  config_flags.DEFINE_config_file(
+    "config", None, "Training config (a file:variant).", lock_config=True
+  )
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> train.TrainState:
@@ -40,4 +45,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
