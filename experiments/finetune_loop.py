@@ -52,11 +52,9 @@ from etils import epath
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from d2vjax import audio, convert, masking, optim, speech, text, vision
-from d2vjax import ema as ema_lib
 from d2vjax import finetune as ft
-from d2vjax import pretrain as pretrain_lib
 from experiments import checkpoint as ckpt_lib
-from experiments import d2v_data, d2v_loop, writers
+from experiments import d2v_loop, writers
 from experiments import progress as progress_lib
 
 Array = jax.Array
@@ -112,11 +110,11 @@ def _pretrained_encoder(
   """The student encoder of a data2vec pretraining run and its parameters.
 
   The pretraining state is rebuilt abstractly from the run's `config.json`
-  with the pretraining loop's own pieces (`d2v_loop.create_model`, the
-  modality's optimizer and EMA teacher) and restored, replicated on `mesh`,
-  through `experiments.checkpoint.Checkpointer` from the newest readable
-  step; the EMA teacher and the regression head are then dropped (spec
-  §3.1). The whole state, optimizer moments included, is read once.
+  with the pretraining loop's own builder (`d2v_loop.build`) and restored,
+  replicated on `mesh`, through `experiments.checkpoint.Checkpointer` from
+  the newest readable step; the EMA teacher and the regression head are
+  then dropped (spec §3.1). The whole state, optimizer moments included,
+  is read once.
   """
   path = epath.Path(workdir)
   pconfig = ml_collections.ConfigDict(
@@ -127,27 +125,8 @@ def _pretrained_encoder(
       f"{workdir} pretrained a {pconfig.modality} encoder; the {task} task "
       f"needs {_MODALITY[task]}"
     )
-  model = d2v_loop.create_model(pconfig)
-  o = pconfig.optim
-  tx = optim.make_optimizer(
-    pconfig.modality,
-    total_steps=pconfig.train.steps,
-    peak_lr=o.peak_lr,
-    warmup_steps=o.warmup_steps,
-    weight_decay=o.weight_decay,
-    clip_norm=o.clip_norm,
-  ).tx
-  ema = pretrain_lib.make_teacher_ema(
-    pconfig.modality,
-    ema_lib.ema_decay_schedule(
-      pconfig.ema.start, pconfig.ema.end, pconfig.ema.anneal_steps
-    ),
-  )
-  batch = d2v_data.batch_at(pconfig, 0, rows=(0, 1))
-  abstract = jax.eval_shape(
-    lambda key: pretrain_lib.create_pretrain_state(key, model, batch, tx, ema),
-    jax.random.key(0),
-  )
+  pretrainer = d2v_loop.build(pconfig)
+  abstract = jax.eval_shape(pretrainer.init, jax.random.key(0))
   replicated = NamedSharding(mesh, PartitionSpec())
   target = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
@@ -164,7 +143,10 @@ def _pretrained_encoder(
     raise FileNotFoundError(f"{workdir} holds no pretraining checkpoint")
   state, _, step = restored
   logging.info("encoder from pretraining step %d of %s", step, workdir)
-  return model.encoder, ft.encoder_params_from_pretrained(state.params)
+  return (
+    pretrainer.model.encoder,
+    ft.encoder_params_from_pretrained(state.params),
+  )
 
 
 def load_encoder(
