@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -37,7 +35,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from d2vjax import audio, optim, text, vision
@@ -45,6 +42,7 @@ from d2vjax import ema as ema_lib
 from d2vjax import pretrain as pretrain_lib
 from experiments import checkpoint as ckpt_lib
 from experiments import d2v_data, writers
+from experiments import preemption as preemption_lib
 from experiments import progress as progress_lib
 
 # Fields that may change between a run and its resumption: when to stop,
@@ -281,44 +279,6 @@ def _train_step(state, batch, *, model, tx, ema, teacher_sees_only_masked):
   return state, metrics
 
 
-class _Preemption:
-  """Tells the loop when SIGTERM asks it to checkpoint and stop.
-
-  One process: a Python SIGTERM handler sets a flag. Several processes
-  (`jax.distributed` initialised): JAX's preemption service owns SIGTERM
-  and picks one step at which every process stops
-  (`multihost_utils.reached_preemption_sync_point`), so that no process
-  waits in a collective for one that has already left.
-  """
-
-  def __init__(self) -> None:
-    self.requested = False
-    self._multi = jax.distributed.is_initialized()
-    self._previous = None
-
-  def install(self) -> None:
-    if self._multi or threading.current_thread() is not threading.main_thread():
-      return
-    self._previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum, frame):
-      del signum, frame
-      logging.warning("SIGTERM: checkpointing and stopping")
-      self.requested = True
-
-    signal.signal(signal.SIGTERM, handler)
-
-  def uninstall(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-  def reached(self, step: int) -> bool:
-    if self._multi:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
-
-
 def pretrain(
   config: ml_collections.ConfigDict, workdir: str
 ) -> pretrain_lib.PretrainState:
@@ -393,7 +353,7 @@ def pretrain(
       for k, v in local.items()
     }
 
-  preemption = _Preemption()
+  preemption = preemption_lib.Preemption()
   preemption.install()
   writer = writers.MetricWriter(workdir)
   writer.write_config(config)

@@ -33,11 +33,8 @@ regression, five times the share of even ids.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import signal
-import threading
 from typing import Any
 
 import flax
@@ -55,6 +52,7 @@ from d2vjax import audio, convert, masking, optim, speech, text, vision
 from d2vjax import finetune as ft
 from experiments import checkpoint as ckpt_lib
 from experiments import d2v_loop, writers
+from experiments import preemption as preemption_lib
 from experiments import progress as progress_lib
 
 Array = jax.Array
@@ -822,26 +820,6 @@ def create_state(
   return state, tx, schedule
 
 
-@dataclasses.dataclass
-class _Preemption:
-  """Set by SIGTERM; the loop checkpoints and returns after the step."""
-
-  requested: bool = False
-
-  def install(self):
-    if threading.current_thread() is not threading.main_thread():
-      return None
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum, frame):
-      del signum, frame
-      logging.warning("SIGTERM: checkpointing and stopping")
-      self.requested = True
-
-    signal.signal(signal.SIGTERM, handler)
-    return previous
-
-
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> FinetuneState:
   """Fine-tunes for ``config.train.steps`` updates (or resumes).
 
@@ -912,8 +890,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> FinetuneState:
     config.optim.freeze_finetune_updates if config.task == "speech" else 0
   )
 
-  preemption = _Preemption()
-  previous_handler = preemption.install()
+  preemption = preemption_lib.Preemption()
+  preemption.install()
   writer = writers.MetricWriter(workdir)
   writer.write_config(config)
   step = int(state.step)
@@ -943,7 +921,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> FinetuneState:
           step, state, extra={"step": step}, metrics=scores, force=True
         )
         logging.info("step %d: %s", step, scores)
-      stop = preemption.requested or (
+      stop = preemption.reached(step) or (
         t.stop_after_steps and steps_this_process >= t.stop_after_steps
       )
       periodic = t.checkpoint_every and step % t.checkpoint_every == 0
@@ -964,5 +942,4 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> FinetuneState:
     progress.close()
     writer.close()
     checkpoints.close()
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
+    preemption.uninstall()

@@ -11,10 +11,7 @@ the plateau state and the batch budgets are saved with the state.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import signal
-import threading
 from typing import Any
 
 import jax
@@ -23,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from experiments import checkpoint as ckpt_lib
+from experiments import preemption as preemption_lib
 from experiments import progress as progress_lib
 from experiments import writers
 from mtagjax import batching, metrics, schedules, synthetic, train
@@ -76,26 +74,6 @@ def epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
   """Index batches of an epoch; like the official loop, skips size-1 ones."""
   out = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
   return [b for b in out if len(b) > 1]
-
-
-@dataclasses.dataclass
-class _Preemption:
-  """Set by SIGTERM; the loop checkpoints and returns at the next step."""
-
-  requested: bool = False
-
-  def install(self):
-    if threading.current_thread() is not threading.main_thread():
-      return None
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum, frame):
-      del signum, frame
-      logging.warning("SIGTERM: checkpointing and stopping")
-      self.requested = True
-
-    signal.signal(signal.SIGTERM, handler)
-    return previous
 
 
 def _plateau_to_json(state: schedules.PlateauState) -> dict[str, Any]:
@@ -197,8 +175,8 @@ def train_and_evaluate(
     donate_argnums=(0,),
   )
   evaluate = jax.jit(functools.partial(train.eval_step, model=model, **loss_kw))
-  preemption = _Preemption()
-  previous_handler = preemption.install()
+  preemption = preemption_lib.Preemption()
+  preemption.install()
   writer = writers.MetricWriter(workdir)
   per_epoch = len(epoch_batches(np.arange(len(data["train"])), t.batch_size))
   progress = progress_lib.Progress(
@@ -227,7 +205,7 @@ def train_and_evaluate(
         if step % t.log_every == 0:
           writer.write_scalars(step, {f"train/{k}": v for k, v in m.items()})
         progress.update(step, {"loss": float(m["loss"])})
-        stop = preemption.requested or (
+        stop = preemption.reached(step) or (
           t.stop_after_steps and steps_this_process >= t.stop_after_steps
         )
         if stop or (t.checkpoint_every and step % t.checkpoint_every == 0):
@@ -290,5 +268,4 @@ def train_and_evaluate(
     progress.close()
     writer.close()
     checkpoints.close()
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
+    preemption.uninstall()
