@@ -23,7 +23,7 @@ from experiments import checkpoint as ckpt_lib
 from experiments import preemption as preemption_lib
 from experiments import progress as progress_lib
 from experiments import writers
-from mtagjax import batching, metrics, schedules, synthetic, train
+from mtagjax import batching, datasets, metrics, schedules, synthetic, train
 from mtagjax import model as model_lib
 
 # Fields that may change between a run and its resumption.
@@ -31,11 +31,41 @@ RESUMABLE_FIELDS = ("train.epochs", "train.stop_after_steps")
 
 
 def load_data(config: ml_collections.ConfigDict) -> dict[str, list]:
-  """The train/valid/test splits as lists of `mtagjax.Sample`s."""
+  """The train/valid/test splits as lists of `mtagjax.Sample`s.
+
+  `config.data.source` is "synthetic" (generated data) or "pickle" (a
+  MulT-style pickle at `config.data.path`, read by `mtagjax.datasets`; the
+  model's `feature_dims` and `padded_lengths` must match the file).
+  """
+
   d = config.data
+  if d.source == "pickle":
+    dataset = "iemocap" if config.train.loss.startswith("iemocap") else "mosi"
+    path = d.get("path", "")
+    if not path:
+      raise ValueError(
+        "config.data.source='pickle' needs config.data.path (the .pkl file)"
+      )
+    splits = datasets.load_mult_pickle(
+      path, dataset=dataset, modalities=tuple(config.model.modalities)
+    )
+    found = {
+      "feature_dims": datasets.feature_dims(splits),
+      "padded_lengths": datasets.padded_lengths(splits),
+    }
+    for field, value in found.items():
+      want = tuple(config.model[field])
+      if want != value:
+        raise ValueError(
+          f"config.model.{field}={want} does not match the data in {path} "
+          f"({value}); pass --config.model.{field}="
+          f"{','.join(map(str, value))}"
+        )
+    return splits
   if d.source != "synthetic":
     raise ValueError(
-      f"config.data.source={d.source!r}; this build reads 'synthetic' data"
+      f"config.data.source={d.source!r}; use 'synthetic' (generated data) "
+      "or 'pickle' (a MulT-style pickle at config.data.path)"
     )
   task = "iemocap" if config.train.loss.startswith("iemocap") else "regression"
   sizes = {"train": d.num_train, "valid": d.num_valid, "test": d.num_test}

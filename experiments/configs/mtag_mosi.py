@@ -21,9 +21,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = model_config.default_config()
 
   c.data = ml_collections.ConfigDict()
-  # "synthetic": generated data (mtagjax.synthetic); real corpora readers
-  # plug in here.
+  # "synthetic": generated data (mtagjax.synthetic); "pickle": a MulT-style
+  # pickle (e.g. mosi_data_noalign.pkl) read by mtagjax.datasets.
   c.data.source = "synthetic"
+  # The .pkl file for source "pickle"; its feature dims and padded lengths
+  # must match config.model.feature_dims / padded_lengths.
+  c.data.path = ""
   c.data.num_train = 1284  # MOSI split sizes
   c.data.num_valid = 229
   c.data.num_test = 686
