@@ -12,7 +12,6 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
-from jax.experimental.compilation_cache import compilation_cache
 
 from d2vjax import convert
 from experiments import checkpoint as ckpt_lib
@@ -44,23 +43,7 @@ def _train_losses(workdir):
   }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _xla_cache(tmp_path_factory):
-  # Resumed runs compile the programs of the uninterrupted one again; a
-  # persistent cache in a temporary directory turns that into loading them.
-  # The process-wide settings are put back for the other modules.
-  names = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-  )
-  saved = {name: getattr(jax.config, name) for name in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update(names[1], 0)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
 @pytest.fixture(scope="module")

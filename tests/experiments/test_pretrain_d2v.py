@@ -5,7 +5,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from experiments import d2v_data, d2v_loop, pretrain_d2v, writers
 from experiments.configs import d2v_audio, d2v_text, d2v_vision
@@ -38,24 +37,7 @@ def _losses(workdir):
   return {r["step"]: r["train/loss"] for r in _records(workdir)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  # The uninterrupted vision run and both halves of the resumed one compile
-  # the same two programs; a persistent cache in a temporary directory lets
-  # the later runs load them instead of paying for XLA twice more. The
-  # process-wide settings are restored for the other test modules.
-  names = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-  )
-  previous = {name: getattr(jax.config, name) for name in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update(names[1], 0)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in previous.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
 @pytest.fixture(scope="module")
