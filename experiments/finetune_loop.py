@@ -22,13 +22,8 @@ config:
   (``train.seed``, step) and the dropout key is folded from the step, so a
   resumed run logs the same losses, bit for bit, as an uninterrupted one.
 
-Data: ``config.data.source="synthetic"`` is the only source so far. Its
-examples are *generated*, with a label the model can learn: speech is a
-sequence of tones, one pitch per letter of a random transcript (silence
-between words); an image is noise around a random colour and its class is
-the hue sector of its mean colour; a text is random ordinary tokens and its
-label is the most frequent token group (``id % num_labels``) or, for
-regression, five times the share of even ids.
+Data come from `experiments.finetune_data` (batches as pure functions of
+(seed, step), speech masks included).
 """
 
 from __future__ import annotations
@@ -48,10 +43,11 @@ from absl import logging
 from etils import epath
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from d2vjax import audio, convert, masking, optim, speech, text, vision
+from d2vjax import audio, convert, optim, text, vision
 from d2vjax import finetune as ft
 from experiments import checkpoint as ckpt_lib
 from experiments import d2v_loop, writers
+from experiments import finetune_data as ft_data
 from experiments import preemption as preemption_lib
 from experiments import progress as progress_lib
 
@@ -73,7 +69,6 @@ RESUMABLE_FIELDS = (
   "train.keep_checkpoints",
   "mesh",
 )
-_VOCAB = ft.LetterVocab()
 
 
 @flax.struct.dataclass
@@ -205,7 +200,7 @@ def create_model(
   if config.task == "speech":
     return ft.CTCModel(
       encoder,
-      vocab_size=len(_VOCAB),
+      vocab_size=len(ft_data.VOCAB),
       final_dropout=m.final_dropout,
       freeze_feature_extractor=m.freeze_feature_extractor,
     )
@@ -216,228 +211,6 @@ def create_model(
   return ft.SentenceClassifier(
     encoder, num_labels=m.num_labels, pooler_dropout=m.pooler_dropout
   )
-
-
-# ---------------------------------------------------------------------------
-# Generated data.
-
-
-def _check_source(config: ml_collections.ConfigDict) -> None:
-  d = config.data
-  if d.source != "synthetic":
-    raise ValueError(
-      f"config.data.source={d.source!r}; this build generates data only: "
-      "use 'synthetic'"
-    )
-  if config.task != "speech":
-    return
-  # The longest transcript: its letter ids, and its audio, must fit.
-  symbols = d.max_words * (d.max_word_length + 1)
-  if symbols > d.max_label_length:
-    raise ValueError(
-      f"transcripts of up to {d.max_words} words of {d.max_word_length} "
-      f"letters need config.data.max_label_length >= {symbols}"
-    )
-  if (symbols - 1) * d.max_letter_samples > d.num_samples:
-    raise ValueError(
-      f"config.data.num_samples={d.num_samples} is too short for "
-      f"{symbols - 1} symbols of {d.max_letter_samples} samples"
-    )
-  unknown = set(d.letters) - set(_VOCAB.letters)
-  if unknown:
-    raise ValueError(f"config.data.letters has no CTC outputs: {unknown}")
-
-
-def _speech_example(config, encoder, rng) -> dict[str, Any]:
-  d = config.data
-  num_words = int(rng.integers(1, d.max_words + 1))
-  lengths = rng.integers(1, d.max_word_length + 1, num_words)
-  words = ["".join(rng.choice(list(d.letters), n)) for n in lengths]
-  transcript = " ".join(words)
-  per_symbol = int(rng.integers(d.min_letter_samples, d.max_letter_samples + 1))
-  t = np.arange(per_symbol, dtype=np.float32) / np.float32(d.sample_rate)
-  pieces = []
-  for symbol in transcript:
-    if symbol == " ":
-      pieces.append(np.zeros(per_symbol, np.float32))
-    else:
-      pitch = 200.0 * (1 + d.letters.index(symbol))
-      phase = rng.uniform(0, 2 * np.pi)
-      pieces.append(np.sin(np.float32(2 * np.pi * pitch) * t + phase))
-  # Silence after short transcripts: a clip needs more frames than a
-  # time-mask span.
-  pieces.append(np.zeros(max(0, d.min_samples - per_symbol * len(pieces))))
-  wave = np.concatenate(pieces).astype(np.float32)
-  wave = wave + 0.1 * rng.standard_normal(wave.size).astype(np.float32)
-  # fairseq `normalize: true` over the real samples; padding stays 0.
-  wave = (wave - wave.mean()) / np.sqrt(wave.var() + 1e-5)
-  padded = np.zeros(d.num_samples, np.float32)
-  padded[: wave.size] = wave
-  labels = np.full(d.max_label_length, _VOCAB.pad_id, np.int32)
-  ids = _VOCAB.encode(transcript)
-  labels[: len(ids)] = ids
-  return {
-    "waveform": padded,
-    "attention_mask": (np.arange(d.num_samples) < wave.size).astype(np.int32),
-    "labels": labels,
-    "text": transcript,
-  }
-
-
-def _hue_class(colour: np.ndarray, num_classes: int) -> int:
-  """Sector of the colour's hue angle (around the grey axis), of K equal."""
-  x = (colour[0] - colour[1]) / np.sqrt(2.0)
-  y = (colour[0] + colour[1] - 2.0 * colour[2]) / np.sqrt(6.0)
-  angle = np.arctan2(y, x) % (2 * np.pi)
-  return int(angle // (2 * np.pi / num_classes)) % num_classes
-
-
-def _image_example(config, encoder, rng) -> dict[str, Any]:
-  h, w = np.broadcast_to(encoder.image_size, (2,)).tolist()
-  image = rng.standard_normal(3) + 0.5 * rng.standard_normal((h, w, 3))
-  image = image.astype(np.float32)
-  label = _hue_class(image.mean(axis=(0, 1)), config.model.num_classes)
-  return {"images": image, "labels": np.int32(label)}
-
-
-def _text_example(config, encoder, rng) -> dict[str, Any]:
-  d, k = config.data, config.model.num_labels
-  length = int(rng.integers(d.min_len, d.seq_len + 1))
-  ids = np.full(d.seq_len, encoder.pad_id, np.int32)
-  ids[0], ids[length - 1] = d.bos_id, d.eos_id
-  content = rng.integers(d.num_special, encoder.vocab_size, length - 2)
-  ids[1 : length - 1] = content
-  counts = np.bincount(content % max(k, 2), minlength=max(k, 2))
-  if k == 1:
-    label = np.float32(5.0 * counts[0] / content.size)
-  else:
-    label = np.int32(np.argmax(counts))
-  return {
-    "input_ids": ids,
-    "attention_mask": (ids != encoder.pad_id).astype(np.int32),
-    "labels": label,
-  }
-
-
-_EXAMPLES = {
-  "speech": _speech_example,
-  "image": _image_example,
-  "text": _text_example,
-}
-
-
-def _collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-  out = {}
-  for key in examples[0]:
-    values = [e[key] for e in examples]
-    out[key] = values if key == "text" else np.stack(values)
-  return out
-
-
-def frame_padding(
-  config: ml_collections.ConfigDict,
-  encoder: nn.Module,
-  attention_mask: np.ndarray,
-) -> np.ndarray:
-  """`[B, T]` True at the encoder frames that padding samples produce."""
-  conv = tuple(tuple(x) for x in encoder.conv_layers)
-  frames = speech.feature_lengths(attention_mask.sum(axis=1), conv)
-  width = speech.feature_lengths(config.data.num_samples, conv)
-  return np.arange(width)[None] >= np.asarray(frames)[:, None]
-
-
-def to_global(
-  batch: dict[str, np.ndarray], sharding: NamedSharding
-) -> dict[str, Array]:
-  """Global arrays from a batch that every process built whole.
-
-  Each process places only the rows its devices hold; batches are cheap to
-  rebuild and rows are coupled (time masks cut to a common count, Mixup
-  pairs row i with row B-1-i), so no process builds only its share.
-  """
-  return {
-    k: jax.make_array_from_callback(v.shape, sharding, lambda i, v=v: v[i])
-    for k, v in batch.items()
-  }
-
-
-def batch_at(
-  config: ml_collections.ConfigDict, encoder: nn.Module, step: int
-) -> dict[str, Any]:
-  """The training batch of global step `step`: a function of (seed, step).
-
-  Row r is drawn from ``default_rng([seed, 0, step, r])``; the draws that
-  span the batch (speech time masks, image Mixup/CutMix) from
-  ``default_rng([seed, 1, step])``.
-
-  Args:
-    config: a fine-tuning config.
-    encoder: the encoder the data must fit (image size, vocabulary, CNN).
-    step: optimizer updates done before this batch.
-
-  Returns:
-    numpy arrays with a leading batch axis: speech ``waveform``,
-    ``attention_mask``, ``time_mask`` (over frames), ``labels`` (letter
-    ids, padded with ``<pad>``); image ``images`` and soft ``targets``;
-    text ``input_ids``, ``attention_mask`` and ``labels``.
-  """
-  _check_source(config)
-  seed, size = config.train.seed, config.train.batch_size
-  make = _EXAMPLES[config.task]
-  batch = _collate(
-    [
-      make(config, encoder, np.random.default_rng([seed, 0, step, row]))
-      for row in range(size)
-    ]
-  )
-  batch.pop("text", None)
-  rng = np.random.default_rng([seed, 1, step])
-  if config.task == "speech":
-    padding = frame_padding(config, encoder, batch["attention_mask"])
-    m = config.mask
-    batch["time_mask"] = masking.span_mask(
-      padding.shape,
-      mask_prob=m.mask_prob,
-      mask_length=m.mask_length,
-      min_masks=m.min_masks,
-      require_same_masks=m.require_same_masks,
-      padding_mask=padding,
-      rng=rng,
-    )
-  elif config.task == "image":
-    m = config.mixup
-    batch["images"], batch["targets"] = ft.mixup_cutmix(
-      batch["images"],
-      batch.pop("labels"),
-      rng=rng,
-      num_classes=config.model.num_classes,
-      mixup_alpha=m.mixup_alpha,
-      cutmix_alpha=m.cutmix_alpha,
-      switch_prob=m.switch_prob,
-      smoothing=m.smoothing,
-      prob=m.prob,
-    )
-  return batch
-
-
-def valid_batches(
-  config: ml_collections.ConfigDict, encoder: nn.Module
-) -> list[dict[str, Any]]:
-  """The validation set in training-sized batches, padded with spare rows.
-
-  Example i is drawn from ``default_rng([seed, 2, i])``; the rows past
-  ``config.data.num_valid`` in the last batch are generated too (static
-  shapes) and left out of the metrics.
-  """
-  _check_source(config)
-  seed, size = config.train.seed, config.train.batch_size
-  count = -(-config.data.num_valid // size) * size
-  make = _EXAMPLES[config.task]
-  examples = [
-    make(config, encoder, np.random.default_rng([seed, 2, i]))
-    for i in range(count)
-  ]
-  return [_collate(examples[i : i + size]) for i in range(0, count, size)]
 
 
 # ---------------------------------------------------------------------------
@@ -564,6 +337,7 @@ def _apply(model, params, batch, task, *, train, rng=None, freeze=False):
       batch["waveform"],
       attention_mask=batch["attention_mask"],
       time_mask=batch.get("time_mask"),
+      channel_mask=batch.get("channel_mask"),
       train=train,
       freeze_encoder=freeze,
       **kw,
@@ -585,7 +359,9 @@ def _losses(task, logits, padding, batch, num_labels) -> Array:
   if task == "speech":
     labels = batch["labels"]
     one = lambda *a: ft.ctc_loss(*(x[None] for x in a))
-    return jax.vmap(one)(logits, padding, labels, labels == _VOCAB.pad_id)
+    return jax.vmap(one)(
+      logits, padding, labels, labels == ft_data.VOCAB.pad_id
+    )
   if task == "image":
     # Soft targets already hold the label smoothing (`mixup_cutmix`), so
     # this is timm's SoftTargetCrossEntropy; validation uses hard labels.
@@ -702,7 +478,7 @@ def evaluate(
   for batch in batches:
     device = {k: v for k, v in batch.items() if k != "text"}
     outs.append(
-      jax.device_get(evaluate_fn(params, to_global(device, sharding)))
+      jax.device_get(evaluate_fn(params, ft_data.to_global(device, sharding)))
     )
   n = config.data.num_valid
   cat = lambda key: np.concatenate([o[key] for o in outs])[:n]
@@ -711,7 +487,8 @@ def evaluate(
   if config.task == "speech":
     refs = [t for b in batches for t in b["text"]][:n]
     hyps = [
-      _VOCAB.decode(ids) for ids in ft.greedy_decode(logits, cat("padding"))
+      ft_data.VOCAB.decode(ids)
+      for ids in ft.greedy_decode(logits, cat("padding"))
     ]
     result["wer"] = ft.wer(refs, hyps)
     result["cer"] = ft.cer(refs, hyps)
@@ -789,8 +566,8 @@ def create_state(
     ``(state, tx, schedule)``.
   """
   init_key, rng = jax.random.split(jax.random.key(config.train.seed))
-  example = _collate(
-    [_EXAMPLES[config.task](config, encoder, np.random.default_rng(0))]
+  example = ft_data.collate(
+    [ft_data.EXAMPLES[config.task](config, encoder, np.random.default_rng(0))]
   )
   example.pop("text", None)
 
@@ -838,7 +615,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> FinetuneState:
       not divide over the devices, or a workdir holding a different run.
   """
   _check_task(config)
-  _check_source(config)
+  ft_data.check_source(config)
   t = config.train
   mesh = make_mesh(config)
   data_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -885,7 +662,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> FinetuneState:
     functools.partial(eval_step, model=model, **static),
     out_shardings=replicated,  # read back on every process
   )
-  valid = valid_batches(config, encoder)
+  valid = ft_data.valid_batches(config, encoder)
   freeze_until = (
     config.optim.freeze_finetune_updates if config.task == "speech" else 0
   )
@@ -899,7 +676,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> FinetuneState:
   steps_this_process = 0
   try:
     while step < t.steps:
-      batch = to_global(batch_at(config, encoder, step), data_sharding)
+      batch = ft_data.to_global(
+        ft_data.batch_at(config, encoder, step), data_sharding
+      )
       # Two compiled variants at most: the frozen-encoder phase, then the
       # rest.
       state, metrics = step_fns[step < freeze_until](state, batch)

@@ -15,7 +15,14 @@ from flax import traverse_util
 
 from d2vjax import convert
 from experiments import checkpoint as ckpt_lib
-from experiments import d2v_loop, finetune_d2v, finetune_loop, progress, writers
+from experiments import (
+  d2v_loop,
+  finetune_d2v,
+  finetune_data,
+  finetune_loop,
+  progress,
+  writers,
+)
 from experiments.configs import d2v_finetune, d2v_vision
 
 FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "d2v"
@@ -84,7 +91,7 @@ def test_image_accuracy_beats_chance(runs):
   c = _config("image")
   encoder, _ = finetune_loop.load_encoder(c, finetune_loop.make_mesh(c))
   labels = np.concatenate(
-    [b["labels"] for b in finetune_loop.valid_batches(c, encoder)]
+    [b["labels"] for b in finetune_data.valid_batches(c, encoder)]
   )[: c.data.num_valid]
   majority = np.bincount(labels).max() / labels.size
   final = [r for r in _records(workdir) if "eval/valid/accuracy" in r][-1]
@@ -157,16 +164,23 @@ def test_batches_are_a_function_of_seed_and_step(task):
   c = _config(task)
   encoder, _ = finetune_loop.load_encoder(c, finetune_loop.make_mesh(c))
   first, again, later = (
-    finetune_loop.batch_at(c, encoder, step) for step in (3, 3, 4)
+    finetune_data.batch_at(c, encoder, step) for step in (3, 3, 4)
   )
   assert first.keys() == again.keys() == later.keys()
   for key, value in first.items():
     np.testing.assert_array_equal(value, again[key], err_msg=key)
   assert any(not np.array_equal(v, later[k]) for k, v in first.items())
   if task == "speech":
-    padding = finetune_loop.frame_padding(c, encoder, first["attention_mask"])
+    padding = finetune_data.frame_padding(c, encoder, first["attention_mask"])
     assert padding.any() and first["time_mask"].any()
     assert not (first["time_mask"] & padding).any()
+    # fairseq's channel mask: spans over (B, hidden), the same count per row.
+    channels = first["channel_mask"]
+    assert channels.shape == (c.train.batch_size, encoder.hidden)
+    assert channels.any() and not channels.all()
+    assert len(set(channels.sum(axis=1))) == 1
+    c.mask.mask_channel_prob = 0.0
+    assert "channel_mask" not in finetune_data.batch_at(c, encoder, 3)
   if task == "image":
     np.testing.assert_allclose(first["targets"].sum(axis=-1), 1, rtol=1e-6)
 
@@ -176,7 +190,7 @@ def test_text_regression_labels_and_metric():
   c.model.num_labels = 1
   assert finetune_loop.best_metric(c) == ("eval/valid/pearson", "max")
   encoder, _ = finetune_loop.load_encoder(c, finetune_loop.make_mesh(c))
-  labels = finetune_loop.valid_batches(c, encoder)[0]["labels"]
+  labels = finetune_data.valid_batches(c, encoder)[0]["labels"]
   assert labels.dtype == np.float32 and labels.std() > 0
   assert 0 <= labels.min() and labels.max() <= 5
 
