@@ -90,6 +90,7 @@ class AudioEncoder(nn.Module):
     train: bool = False,
     *,
     attention_mask: Array | None = None,
+    channel_mask: Array | None = None,
   ) -> tuple[Array, dict[str, Array]]:
     """Encodes a batch of waveforms.
 
@@ -100,6 +101,9 @@ class AudioEncoder(nn.Module):
       train: enables dropout and LayerDrop (needs a `"dropout"` RNG).
       attention_mask: `[B, samples]`, 1 = real sample (HF style; real
         samples form a prefix of each row), or None = no padding.
+      channel_mask: `[B, hidden]` bool, True = feature channel zeroed at
+        every frame after the time mask (wav2vec 2.0 / data2vec fine-tuning
+        `mask_channel_prob`); None = none.
 
     Returns:
       `(last_hidden_state [B, T, C], aux)`. `aux` holds
@@ -122,7 +126,13 @@ class AudioEncoder(nn.Module):
       dropout_rate=self.feature_dropout_rate,
       dtype=self.dtype,
       name="front_end",
-    )(waveform, attention_mask=attention_mask, mask=mask, train=train)
+    )(
+      waveform,
+      attention_mask=attention_mask,
+      mask=mask,
+      channel_mask=channel_mask,
+      train=train,
+    )
     x = nn.LayerNorm(
       epsilon=self.layer_norm_eps,
       dtype=jnp.float32,

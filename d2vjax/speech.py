@@ -410,10 +410,12 @@ class SpeechFrontEnd(nn.Module):
       train mode after the teacher copy (`aux["features"]`) is taken.
     dtype: computation dtype.
 
-  `__call__(waveform, *, attention_mask=None, mask=None, train=False)`
-  returns `(x, aux)`: `x = h + pos_conv(h)` `[B, T, hidden]` where `h` is the
-  projected features with `mask` frames (True = masked) replaced by
-  `mask_embedding` and padded frames zeroed. `aux` holds `conv_features`,
+  `__call__(waveform, *, attention_mask=None, mask=None, channel_mask=None,
+  train=False)` returns `(x, aux)`: `x = h + pos_conv(h)` `[B, T, hidden]`
+  where `h` is the projected features with `mask` frames (True = masked)
+  replaced by `mask_embedding`, `channel_mask` channels (`[B, hidden]`, True
+  = masked; fine-tuning only) zeroed at every frame, and padded frames
+  zeroed. `aux` holds `conv_features`,
   `extract_features`, `projected_features`, `features` (the projected
   features before dropout and masking: the data2vec teacher input),
   `pos_conv_input` (h), `pos_conv_output` and `padding_mask` (True = padded).
@@ -441,6 +443,7 @@ class SpeechFrontEnd(nn.Module):
     *,
     attention_mask: Array | None = None,
     mask: Array | None = None,
+    channel_mask: Array | None = None,
     train: bool = False,
   ) -> tuple[Array, dict[str, Array]]:
     conv_features = ConvFeatureExtractor(
@@ -472,6 +475,15 @@ class SpeechFrontEnd(nn.Module):
       if mask.shape != (batch, frames):
         raise ValueError(f"mask shape {mask.shape} != frames {(batch, frames)}")
       x = jnp.where(mask[..., None], mask_embedding.astype(x.dtype), x)
+    if channel_mask is not None:
+      # fairseq apply_mask (mask_channel_before=False): after the time mask,
+      # the chosen channels are zeroed at every frame.
+      if channel_mask.shape != (batch, self.hidden):
+        raise ValueError(
+          f"channel_mask shape {channel_mask.shape} != (batch, hidden) "
+          f"{(batch, self.hidden)}"
+        )
+      x = jnp.where(channel_mask[:, None, :], jnp.zeros((), x.dtype), x)
     # fairseq/HF zero padded frames so they do not leak into valid ones
     # through the positional convolution.
     x = jnp.where(padding_mask[..., None], jnp.zeros((), x.dtype), x)

@@ -13,6 +13,9 @@ Pieces, in the order a fine-tuning loop uses them:
 Time masking during fine-tuning is drawn on the host with
 `d2vjax.masking.span_mask` over the encoder's frame grid and passed as
 `time_mask`; the encoder's pretrained mask embedding fills the masked frames.
+Channel masking (fairseq `mask_channel_prob`) is drawn the same way over
+`(B, hidden)` and passed as `channel_mask`: those channels are zeroed at
+every frame.
 
     model = CTCModel(AudioEncoder(...), vocab_size=len(vocab))
     logits, padding = model.apply(
@@ -106,6 +109,7 @@ class CTCModel(nn.Module):
     *,
     attention_mask: Array | None = None,
     time_mask: Array | None = None,
+    channel_mask: Array | None = None,
     train: bool,
     freeze_encoder: bool = False,
   ) -> tuple[Array, Array]:
@@ -118,6 +122,8 @@ class CTCModel(nn.Module):
       time_mask: `[B, T]` bool over encoder frames, True = replaced by the
         mask embedding (draw it with `d2vjax.masking.span_mask` and the
         frame padding mask; fairseq masks only in training), or None.
+      channel_mask: `[B, hidden]` bool, True = channel zeroed at every frame
+        after the time mask (`span_mask` over `(B, hidden)`), or None.
       train: enables dropout and LayerDrop (needs a `"dropout"` RNG).
       freeze_encoder: stop all gradients at the encoder output, so only
         `proj` learns (fairseq `freeze_finetune_updates`: use it for the
@@ -130,11 +136,19 @@ class CTCModel(nn.Module):
     if self.freeze_feature_extractor:
       with nn.intercept_methods(_stop_cnn_gradient):
         x, aux = self.encoder(
-          waveform, time_mask, train, attention_mask=attention_mask
+          waveform,
+          time_mask,
+          train,
+          attention_mask=attention_mask,
+          channel_mask=channel_mask,
         )
     else:
       x, aux = self.encoder(
-        waveform, time_mask, train, attention_mask=attention_mask
+        waveform,
+        time_mask,
+        train,
+        attention_mask=attention_mask,
+        channel_mask=channel_mask,
       )
     if freeze_encoder:
       x = jax.lax.stop_gradient(x)

@@ -17,8 +17,8 @@ Variants (spec §6):
   10 frames at probability 0.65 (0.5 for 960h) through the pretrained mask
   embedding. fairseq Adam (0.9, 0.98) ε 1e-8 without weight decay;
   tri-stage schedule (10 / 40 / 50 %) from and to 0.01 / 0.05 of the peak.
-  Channel masking (``mask_channel_prob`` 0.1-0.5 in the reference) is not
-  available: `d2vjax.finetune.CTCModel` has no hook for it.
+  Channel masking zeroes spans of 64 feature channels with
+  ``mask_channel_prob`` 0.25 (10m, 1h), 0.5 (10h, 100h) or 0.1 (960h).
 * ``image``: ViT-B/16, mean of the patch tokens, new ``fc_norm`` and a head
   initialised ×0.001; AdamW (0.9, 0.999) ε 1e-8 with layer-wise decay 0.65,
   peak 4e-3 for batch 1024, 10 of 100 epochs of warm-up then cosine to
@@ -53,13 +53,14 @@ import ml_collections
 
 from d2vjax import speech
 
-# split: (peak lr, updates, freeze_finetune_updates, mask_prob, layerdrop)
+# split: (peak lr, updates, freeze_finetune_updates, mask_prob,
+# mask_channel_prob, layerdrop), from fairseq's base_<split>.yaml.
 _SPEECH_SPLITS = {
-  "10m": (5e-5, 13_000, 10_000, 0.65, 0.1),
-  "1h": (5e-5, 13_000, 10_000, 0.65, 0.1),
-  "10h": (5e-5, 20_000, 10_000, 0.65, 0.05),
-  "100h": (3e-5, 80_000, 0, 0.65, 0.1),
-  "960h": (1e-4, 320_000, 0, 0.5, 0.1),
+  "10m": (5e-5, 13_000, 10_000, 0.65, 0.25, 0.1),
+  "1h": (5e-5, 13_000, 10_000, 0.65, 0.25, 0.1),
+  "10h": (5e-5, 20_000, 10_000, 0.65, 0.5, 0.05),
+  "100h": (3e-5, 80_000, 0, 0.65, 0.5, 0.1),
+  "960h": (1e-4, 320_000, 0, 0.5, 0.1, 0.1),
 }
 
 # task: (num_labels, peak lr, batch size, updates, warm-up updates)
@@ -124,7 +125,7 @@ def _common(task: str) -> ml_collections.ConfigDict:
 
 
 def _speech(split: str) -> ml_collections.ConfigDict:
-  lr, steps, freeze, mask_prob, layerdrop = _SPEECH_SPLITS[split]
+  lr, steps, freeze, mask_prob, channel_prob, layerdrop = _SPEECH_SPLITS[split]
   c = _common("speech")
   e = c.model.encoder
   e.conv_layers = speech.BASE_CONV_LAYERS
@@ -145,6 +146,10 @@ def _speech(split: str) -> ml_collections.ConfigDict:
   c.mask.mask_length = 10
   c.mask.min_masks = 1
   c.mask.require_same_masks = True
+  # Channel masking: spans of feature channels zeroed for the whole clip
+  # (min_masks 0 and same count per row, as fairseq draws it).
+  c.mask.mask_channel_prob = channel_prob
+  c.mask.mask_channel_length = 64
 
   c.optim.peak_lr = lr
   c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-8
@@ -248,6 +253,7 @@ def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     e.pos_kernel_size, e.pos_groups, e.pos_depth = 4, 2, 1
     c.model.overrides.layerdrop = 0.0
     c.mask.mask_length = 4
+    c.mask.mask_channel_length = 4  # of 16 channels
     c.optim.peak_lr = 2e-3
     c.optim.freeze_finetune_updates = 3  # both step variants run
     t.batch_size, t.steps, t.eval_every = 8, 8, 4

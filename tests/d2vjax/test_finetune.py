@@ -227,6 +227,38 @@ def test_ctc_model_shapes_and_frozen_cnn(ctc_model):
   assert sum(float(np.abs(g).sum()) for g in jax.tree.leaves(cnn)) > 0
 
 
+def test_ctc_channel_mask_zeroes_channels_at_every_frame(ctc_model):
+  model, params, wave, attention, _ = ctc_model
+  channels = np.zeros((3, 16), bool)
+  channels[0, 2:6] = True
+  channels[2, 10:] = True
+
+  @functools.partial(jax.jit, static_argnames=("channel",))
+  def front(channel):
+    return model.apply(
+      {"params": params},
+      wave,
+      attention_mask=attention,
+      channel_mask=channels if channel else None,
+      train=False,
+      method=lambda m, *a, **k: m.encoder(*a, **k)[1]["pos_conv_input"],
+    )
+
+  masked, plain = np.asarray(front(True)), np.asarray(front(False))
+  np.testing.assert_array_equal(masked[channels[:, None, :].repeat(79, 1)], 0)
+  keep = ~channels[:, None, :].repeat(79, 1)
+  np.testing.assert_array_equal(masked[keep], plain[keep])
+  assert np.abs(plain[0, :, 2:6]).sum() > 0
+  with pytest.raises(ValueError, match="channel_mask shape"):
+    model.apply(
+      {"params": params},
+      wave,
+      attention_mask=attention,
+      channel_mask=channels[:, :8],
+      train=False,
+    )
+
+
 def test_frozen_mask_marks_the_cnn_or_the_encoder():
   model = finetune.CTCModel(_audio_encoder(), vocab_size=5)
   wave = np.zeros((1, 800), np.float32)
