@@ -1,12 +1,13 @@
 """data2vec pretraining end to end: tiny runs, resume, devices, fsdp."""
 
 import os
+import signal
 
 import jax
 import numpy as np
 import pytest
 
-from experiments import d2v_data, d2v_loop, pretrain_d2v, writers
+from experiments import d2v_data, d2v_loop, pretrain_d2v, progress, writers
 from experiments.configs import d2v_audio, d2v_text, d2v_vision
 
 CONFIGS = {"audio": d2v_audio, "vision": d2v_vision, "text": d2v_text}
@@ -76,6 +77,26 @@ def test_resume_reproduces_the_uninterrupted_losses(vision_run, tmp_path):
   workdir = str(tmp_path)
   stopped = pretrain_d2v.run(_config(stop_after_steps=2), workdir)
   assert int(stopped.step) == 2
+  pretrain_d2v.run(_config(), workdir)
+  assert _losses(workdir) == _losses(full)  # bit for bit
+
+
+def test_sigterm_checkpoints_and_resumes(vision_run, tmp_path, monkeypatch):
+  full, _ = vision_run
+  workdir = str(tmp_path)
+  update = progress.Progress.update
+
+  def update_then_signal(self, step, metrics=None):
+    update(self, step, metrics)
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  before = signal.getsignal(signal.SIGTERM)
+  with monkeypatch.context() as m:
+    m.setattr(progress.Progress, "update", update_then_signal)
+    stopped = pretrain_d2v.run(_config(), workdir)
+  assert int(stopped.step) == 3
+  assert signal.getsignal(signal.SIGTERM) == before  # handler removed
   pretrain_d2v.run(_config(), workdir)
   assert _losses(workdir) == _losses(full)  # bit for bit
 
