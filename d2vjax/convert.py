@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d2vjax import speech
+from d2vjax import speech, speech_hf
 from d2vjax.audio import AudioEncoder
 from d2vjax.text import TextEncoder
 from d2vjax.vision import VisionEncoder
@@ -168,7 +168,9 @@ def audio_config_from_hf(cfg: Mapping[str, Any]) -> dict[str, Any]:
     raise NotImplementedError("add_adapter=True (HF adapter layers)")
   # Data2VecAudioConfig has no `feat_extract_norm`: its CNN always uses
   # LayerNorm in every block.
-  front = speech.front_end_config_from_hf({"feat_extract_norm": "layer", **cfg})
+  front = speech_hf.front_end_config_from_hf(
+    {"feat_extract_norm": "layer", **cfg}
+  )
   return {
     "conv_layers": front["conv_layers"],
     "extractor_mode": front["extractor_mode"],
@@ -353,7 +355,7 @@ def from_hf(
   front_end = None
   if model_type == "data2vec-audio":
     front_config = {"feat_extract_norm": "layer", **hf_config}
-    front_end = speech.front_end_params_from_hf(
+    front_end = speech_hf.front_end_params_from_hf(
       state_dict, prefix, config=front_config
     )
     used.update(

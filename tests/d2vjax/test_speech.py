@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d2vjax import speech
+from d2vjax import speech, speech_hf
 
 FIXTURE = (
   pathlib.Path(__file__).parents[1] / "fixtures" / "d2v" / "hf_audio_tiny.npz"
@@ -33,7 +33,7 @@ STAGES = (
 def hf():
   z = np.load(FIXTURE)
   config = json.loads(str(z["config_json"]))
-  model = speech.SpeechFrontEnd(**speech.front_end_config_from_hf(config))
+  model = speech.SpeechFrontEnd(**speech_hf.front_end_config_from_hf(config))
   attention_mask = z["input/attention_mask"]
   # One jitted apply for the module: eager dispatch and per-call re-jits are
   # what dominate the runtime on CPU.
@@ -101,7 +101,7 @@ def test_too_short_waveform_raises():
 
 
 def test_frame_padding_mask_matches_fixture(hf):
-  layers = speech.front_end_config_from_hf(hf["config"])["conv_layers"]
+  layers = speech_hf.front_end_config_from_hf(hf["config"])["conv_layers"]
   padded = speech.frame_padding_mask(hf["attention_mask"], layers)
   assert padded.dtype == jnp.bool_
   # The fixture's frame_mask is True at *valid* frames.
@@ -113,7 +113,7 @@ def test_frame_padding_mask_matches_fixture(hf):
 
 
 def test_matches_hf_float32(hf):
-  params = speech.front_end_params_from_hf(hf["state"], config=hf["config"])
+  params = speech_hf.front_end_params_from_hf(hf["state"], config=hf["config"])
   x, aux = hf["apply"](params, hf["wave"])
   for name in STAGES:
     assert aux[name].dtype == jnp.float32
@@ -132,7 +132,7 @@ def test_matches_hf_float64(hf):
   # exactly, so a float64 run must agree to rounding level.
   state64 = {k: v.astype(np.float64) for k, v in hf["state"].items()}
   with jax.enable_x64(True):
-    params = speech.front_end_params_from_hf(state64)
+    params = speech_hf.front_end_params_from_hf(state64)
     _, aux = hf["apply"](params, hf["wave"].astype(np.float64))
     for name in STAGES:
       assert aux[name].dtype == jnp.float64
@@ -142,7 +142,7 @@ def test_matches_hf_float64(hf):
 
 
 def test_jit_matches_no_jit(hf):
-  params = speech.front_end_params_from_hf(hf["state"])
+  params = speech_hf.front_end_params_from_hf(hf["state"])
   eager, _ = hf["model"].apply(
     {"params": params}, hf["wave"], attention_mask=hf["attention_mask"]
   )
@@ -151,7 +151,7 @@ def test_jit_matches_no_jit(hf):
 
 
 def test_mask_embedding_replaces_exactly_masked_frames(hf):
-  params = speech.front_end_params_from_hf(hf["state"])
+  params = speech_hf.front_end_params_from_hf(hf["state"])
   mask = np.random.default_rng(0).random((2, 199)) < 0.4
   _, plain = hf["apply"](params, hf["wave"])
   _, masked = hf["apply"](params, hf["wave"], mask=jnp.asarray(mask))
@@ -170,14 +170,14 @@ def test_mask_embedding_replaces_exactly_masked_frames(hf):
 
 
 def test_mask_shape_is_checked(hf):
-  params = speech.front_end_params_from_hf(hf["state"])
+  params = speech_hf.front_end_params_from_hf(hf["state"])
   with pytest.raises(ValueError, match="mask shape"):
     hf["apply"](params, hf["wave"], mask=jnp.zeros((2, 198), bool))
 
 
 def test_dropout_only_after_teacher_copy(hf):
-  kw = speech.front_end_config_from_hf(hf["config"]) | {"dropout_rate": 0.5}
-  params = speech.front_end_params_from_hf(hf["state"])
+  kw = speech_hf.front_end_config_from_hf(hf["config"]) | {"dropout_rate": 0.5}
+  params = speech_hf.front_end_params_from_hf(hf["state"])
   model = speech.SpeechFrontEnd(**kw)
   x, aux = model.apply(
     {"params": params},
@@ -303,7 +303,7 @@ def test_single_pos_conv_is_weight_normed_conv(kernel_size):
 
 
 def test_config_from_hf(hf):
-  kw = speech.front_end_config_from_hf(hf["config"])
+  kw = speech_hf.front_end_config_from_hf(hf["config"])
   assert kw["conv_layers"] == ((32, 10, 5), (32, 3, 2), (32, 3, 2))
   assert kw["extractor_mode"] == "layer_norm"
   assert (kw["pos_kind"], kw["pos_depth"], kw["pos_kernel_size"]) == (
@@ -314,15 +314,15 @@ def test_config_from_hf(hf):
   assert (kw["hidden"], kw["pos_groups"], kw["conv_bias"]) == (32, 4, False)
   w2v = hf["config"] | {"feat_extract_norm": "group", "model_type": "wav2vec2"}
   del w2v["conv_pos_kernel_size"]
-  kw = speech.front_end_config_from_hf(w2v)
+  kw = speech_hf.front_end_config_from_hf(w2v)
   assert kw["extractor_mode"] == "group_norm"
   assert (kw["pos_kind"], kw["pos_kernel_size"]) == ("single", 2)
 
 
 def test_params_prefix_and_inferred_config(hf):
   prefixed = {f"data2vec_audio.{k}": v for k, v in hf["state"].items()}
-  a = speech.front_end_params_from_hf(prefixed, "data2vec_audio.")
-  b = speech.front_end_params_from_hf(hf["state"], config=hf["config"])
+  a = speech_hf.front_end_params_from_hf(prefixed, "data2vec_audio.")
+  b = speech_hf.front_end_params_from_hf(hf["state"], config=hf["config"])
   jax.tree.map(np.testing.assert_array_equal, a, b)
   kernel = hf["state"]["encoder.pos_conv_embed.layers.1.conv.weight"]
   np.testing.assert_array_equal(
@@ -334,7 +334,7 @@ def test_params_missing_key(hf):
   state = dict(hf["state"])
   del state["feature_projection.layer_norm.bias"]
   with pytest.raises(KeyError, match="feature_projection.layer_norm.bias"):
-    speech.front_end_params_from_hf(state)
+    speech_hf.front_end_params_from_hf(state)
 
 
 def test_params_wrong_shape(hf):
@@ -342,12 +342,12 @@ def test_params_wrong_shape(hf):
   key = "feature_extractor.conv_layers.1.conv.weight"
   state[key] = np.zeros((32, 16, 3), np.float32)
   with pytest.raises(ValueError, match=r"conv_layers\.1.*\(3, 16, 32\).*32"):
-    speech.front_end_params_from_hf(state)
+    speech_hf.front_end_params_from_hf(state)
   bigger = hf["config"] | {"hidden_size": 48}
   # Expected shapes come from the config, here a 48-wide model.
   expect = r"masked_spec_embed -> mask_embedding.*\(32,\).*expected \(48,\)"
   with pytest.raises(ValueError, match=expect):
-    speech.front_end_params_from_hf(hf["state"], config=bigger)
+    speech_hf.front_end_params_from_hf(hf["state"], config=bigger)
 
 
 @pytest.mark.parametrize("parametrizations", [False, True])
@@ -400,5 +400,5 @@ def test_wav2vec2_layout_round_trip(parametrizations):
     state[base + "parametrizations.weight.original1"] = v
   else:
     state[base + "weight_g"], state[base + "weight_v"] = g, v
-  back = speech.front_end_params_from_hf(state)
+  back = speech_hf.front_end_params_from_hf(state)
   jax.tree.map(np.testing.assert_array_equal, back, p)
