@@ -25,8 +25,7 @@ into a run:
 from __future__ import annotations
 
 import functools
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -41,7 +40,7 @@ from d2vjax import audio, optim, text, vision
 from d2vjax import ema as ema_lib
 from d2vjax import pretrain as pretrain_lib
 from experiments import checkpoint as ckpt_lib
-from experiments import d2v_data, writers
+from experiments import d2v_data, distributed, writers
 from experiments import preemption as preemption_lib
 from experiments import progress as progress_lib
 
@@ -62,45 +61,6 @@ _ENCODERS = {
 }
 # config.model fields that configure the loop rather than the encoder.
 _NOT_ENCODER_FIELDS = ("top_k", "dtype", "teacher_sees_only_masked")
-
-
-def maybe_initialize_distributed(
-  environ: Mapping[str, str] | None = None,
-) -> bool:
-  """Starts multi-process JAX when the environment describes a cluster.
-
-  Asks for it: ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES`` and
-  ``JAX_PROCESS_ID``, which are passed on when set), a Slurm step or an
-  Open MPI launch of more than one task, or a Cloud TPU slice of several
-  hosts. JAX's own cluster detection fills in what is not given. Call it
-  before anything else touches the devices.
-
-  Args:
-    environ: the environment to read; `os.environ` by default.
-
-  Returns:
-    Whether `jax.distributed.initialize` was called.
-  """
-  env = os.environ if environ is None else environ
-  if jax.distributed.is_initialized():
-    return False
-  many = lambda name: int(env.get(name, "1") or "1") > 1
-  asked = (
-    "JAX_COORDINATOR_ADDRESS" in env
-    or many("SLURM_NTASKS")
-    or many("OMPI_COMM_WORLD_SIZE")
-    or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-  )
-  if not asked:
-    return False
-  kwargs = {}
-  if "JAX_NUM_PROCESSES" in env:
-    kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
-  if "JAX_PROCESS_ID" in env:
-    kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
-  jax.distributed.initialize(**kwargs)
-  logging.info("process %d of %d", jax.process_index(), jax.process_count())
-  return True
 
 
 def create_model(config: ml_collections.ConfigDict) -> pretrain_lib.Data2Vec:
@@ -253,19 +213,6 @@ def state_shardings(abstract: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map_with_path(pick, abstract)
 
 
-def process_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
-  """The rows ``(lo, hi)`` of the global batch this process's devices hold."""
-  slices = sharding.addressable_devices_indices_map((batch_size,)).values()
-  starts = [s[0].start or 0 for s in slices]
-  stops = [batch_size if s[0].stop is None else s[0].stop for s in slices]
-  lo, hi = min(starts), max(stops)
-  if sum(b - a for a, b in set(zip(starts, stops, strict=True))) != hi - lo:
-    raise ValueError(
-      "this process's devices do not hold one contiguous block of the batch"
-    )
-  return lo, hi
-
-
 def _train_step(state, batch, *, model, tx, ema, teacher_sees_only_masked):
   state, metrics = pretrain_lib.pretrain_step(
     state,
@@ -299,11 +246,11 @@ def pretrain(
       devices, a parameter that does not divide over ``fsdp``, or a workdir
       holding a different run.
   """
-  maybe_initialize_distributed()
+  distributed.maybe_initialize_distributed()
   t = config.train
   mesh = make_mesh(config)
   data_sharding = batch_sharding(mesh)
-  rows = process_rows(data_sharding, t.batch_size)
+  rows = distributed.process_rows(data_sharding, t.batch_size)
   model, tx, ema, init = build(config)
 
   key = jax.random.key(t.seed)

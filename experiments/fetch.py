@@ -55,6 +55,7 @@ def atomic_dir(target: pathlib.Path) -> Iterator[pathlib.Path]:
     if target.exists():  # another process finished first
       shutil.rmtree(tmp)
     else:
+      tmp.chmod(0o755)  # mkdtemp makes it private to its owner
       os.replace(tmp, target)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -26,7 +26,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import d2v_loop, finetune_loop
+from experiments import distributed, finetune_loop
 
 FLAGS = flags.FLAGS
 
@@ -53,7 +53,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Before anything asks for the devices (a cluster launch runs this same
   # command in every process).
-  d2v_loop.maybe_initialize_distributed()
+  distributed.maybe_initialize_distributed()
   logging.info("devices: %s", jax.devices())
   run(FLAGS.config, FLAGS.workdir)
 

@@ -20,9 +20,9 @@ import numpy as np
 from absl import logging
 
 from experiments import checkpoint as ckpt_lib
+from experiments import distributed, writers
 from experiments import preemption as preemption_lib
 from experiments import progress as progress_lib
-from experiments import writers
 from mtagjax import batching, datasets, metrics, schedules, synthetic, train
 from mtagjax import model as model_lib
 
@@ -125,7 +125,7 @@ def _evaluate(config, evaluate, state, batcher, samples, sharding):
   batch_size = config.train.batch_size
   for start in range(0, len(samples), batch_size):
     batch = batcher(samples[start : start + batch_size])
-    out = evaluate(state, jax.device_put(batch, sharding))
+    out = evaluate(state, distributed.from_global(batch, sharding))
     mask = np.asarray(out["mask"])
     preds.append(np.asarray(out["out"])[mask])
     labels.append(np.asarray(batch.labels)[mask])
@@ -153,6 +153,7 @@ def train_and_evaluate(
   Returns:
     The final training state (on preemption, the state at the stop).
   """
+  distributed.maybe_initialize_distributed()
   t = config.train
   mesh = make_mesh(config)
   shards = config.mesh.shards or mesh.shape["data"]
@@ -166,10 +167,14 @@ def train_and_evaluate(
   }
   model = model_lib.create_model(config.model)
   tx = train.make_optimizer(t.learning_rate, t.weight_decay)
-  state = train.create_train_state(
-    jax.random.key(t.seed), model, batchers["train"](data["train"][:2]), tx
-  )
-  state = jax.device_put(state, train.replicated(mesh))
+  example = batchers["train"](data["train"][:2])
+  replicated = train.replicated(mesh)
+  # Created under jit, straight into its sharding: `device_put` cannot place
+  # values on other processes' devices.
+  state = jax.jit(
+    lambda key: train.create_train_state(key, model, example, tx),
+    out_shardings=replicated,
+  )(jax.random.key(t.seed))
   abstract = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
     state,
@@ -202,9 +207,13 @@ def train_and_evaluate(
       normalize=t.normalize_loss,
       **loss_kw,
     ),
+    out_shardings=(replicated, replicated),
     donate_argnums=(0,),
   )
-  evaluate = jax.jit(functools.partial(train.eval_step, model=model, **loss_kw))
+  evaluate = jax.jit(
+    functools.partial(train.eval_step, model=model, **loss_kw),
+    out_shardings=replicated,
+  )
   preemption = preemption_lib.Preemption()
   preemption.install()
   writer = writers.MetricWriter(workdir)
@@ -229,7 +238,7 @@ def train_and_evaluate(
       for index in range(position, len(batches)):
         samples = [data["train"][i] for i in batches[index]]
         batch = batchers["train"](samples)
-        state, m = step_fn(state, jax.device_put(batch, data_sharding))
+        state, m = step_fn(state, distributed.from_global(batch, data_sharding))
         steps_this_process += 1
         step = int(state.step)
         if step % t.log_every == 0:
@@ -290,9 +299,10 @@ def train_and_evaluate(
       writer.write_scalars(
         int(state.step), {f"eval/test/{k}": v for k, v in test.items()}
       )
-      print(f"\ntest metrics of the best epoch (step {best_step}):")
-      for name, value in test.items():
-        print(f"  {name:<16}{value:9.4f}")
+      if jax.process_index() == 0:
+        print(f"\ntest metrics of the best epoch (step {best_step}):")
+        for name, value in test.items():
+          print(f"  {name:<16}{value:9.4f}")
     return state
   finally:
     progress.close()

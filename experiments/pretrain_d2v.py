@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from d2vjax import pretrain
-from experiments import d2v_loop
+from experiments import d2v_loop, distributed
 
 FLAGS = flags.FLAGS
 
@@ -50,7 +50,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Before anything asks for the devices, which would fix a one-process
   # view of them.
-  d2v_loop.maybe_initialize_distributed()
+  distributed.maybe_initialize_distributed()
   logging.info("devices: %s", jax.devices())
   run(FLAGS.config, FLAGS.workdir)
 

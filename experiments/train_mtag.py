@@ -16,7 +16,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import mtag_loop
+from experiments import distributed, mtag_loop
 from mtagjax import train
 
 FLAGS = flags.FLAGS
@@ -40,6 +40,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train.TrainState:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Before anything asks for the devices (a cluster launch runs this same
+  # command in every process).
+  distributed.maybe_initialize_distributed()
   logging.info("devices: %s", jax.devices())
   run(FLAGS.config, FLAGS.workdir)
 

@@ -107,8 +107,10 @@ def set_learning_rate(state: TrainState, lr: float) -> TrainState:
   new = jnp.asarray(lr, current.dtype)
   if isinstance(current, jax.Array):
     # Keep the placement: a differently sharded input would recompile the
-    # jitted step.
-    new = jax.device_put(new, current.sharding)
+    # jitted step. Built from a callback, which (unlike `device_put`) also
+    # works when the sharding spans other processes' devices.
+    value = np.asarray(lr, current.dtype)
+    new = jax.make_array_from_callback((), current.sharding, lambda _: value)
   hyper["learning_rate"] = new
   return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
 

@@ -7,7 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import d2v_data, d2v_loop, pretrain_d2v, progress, writers
+from experiments import (
+  d2v_data,
+  d2v_loop,
+  distributed,
+  pretrain_d2v,
+  progress,
+  writers,
+)
 from experiments.configs import d2v_audio, d2v_text, d2v_vision
 
 CONFIGS = {"audio": d2v_audio, "vision": d2v_vision, "text": d2v_text}
@@ -194,12 +201,12 @@ def test_distributed_start_only_when_asked(monkeypatch):
   monkeypatch.setattr(
     jax.distributed, "initialize", lambda **kw: calls.append(kw)
   )
-  assert not d2v_loop.maybe_initialize_distributed({})
-  assert not d2v_loop.maybe_initialize_distributed({"SLURM_NTASKS": "1"})
+  assert not distributed.maybe_initialize_distributed({})
+  assert not distributed.maybe_initialize_distributed({"SLURM_NTASKS": "1"})
   env = {
     "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
     "JAX_NUM_PROCESSES": "2",
     "JAX_PROCESS_ID": "1",
   }
-  assert d2v_loop.maybe_initialize_distributed(env)
+  assert distributed.maybe_initialize_distributed(env)
   assert calls == [{"num_processes": 2, "process_id": 1}]
