@@ -229,3 +229,182 @@ def padded_lengths(
         if len(pos):
           lengths[m] = max(lengths[m], int(np.max(pos)) + 1)
   return tuple(lengths)
+
+
+# SpokenReviews (built by `experiments/spoken_reviews.py`): one npz per
+# split holding ragged sequences as concatenations plus `[n + 1]` offsets.
+_SR_RAGGED = {  # key -> (offsets key, dtype kind, trailing dims)
+  "text_ids": ("text_offsets", "i", 0),
+  "tokens": ("text_offsets", "U", 0),
+  "audio": ("audio_offsets", "f", 1),
+  "vision": ("vision_offsets", "f", 1),
+  "word_events": ("word_offsets", "i", 1),
+}
+_SR_PER_SAMPLE = {  # key -> dtype kind
+  "ids": "U",
+  "labels": "f",
+  "ratings": "f",
+  "speakers": "i",
+  "rates": "i",
+  "pitches": "i",
+}
+
+
+def _read_json(path: str) -> Any:
+  import json
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+      f"{path} is missing; the SpokenReviews folder is incomplete: build it "
+      "again with `python -m experiments.spoken_reviews`"
+    )
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _sr_split(path: str, width: Mapping[str, int], vocab_size: int) -> dict:
+  """Reads and checks one SpokenReviews split file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"SpokenReviews split file not found: {path!r}")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      arrays = {k: z[k] for k in z.files}
+  except Exception as e:  # zip, header or pickle-refusal errors
+    raise ValueError(
+      f"{path}: cannot read the npz (truncated or not an npz?): "
+      f"{type(e).__name__}: {e}"
+    ) from e
+  expected = [*_SR_PER_SAMPLE, *_SR_RAGGED]
+  expected += sorted({off for off, _, _ in _SR_RAGGED.values()})
+  missing = [k for k in expected if k not in arrays]
+  if missing:
+    raise ValueError(f"{path}: missing arrays {missing} (has {sorted(arrays)})")
+  n = arrays["labels"].shape[0] if arrays["labels"].ndim == 1 else -1
+  for key, kind in _SR_PER_SAMPLE.items():
+    a = arrays[key]
+    if a.shape != (n,) or a.dtype.kind != kind:
+      raise ValueError(
+        f"{path}: {key!r} should be a 1-d array of kind {kind!r} with one "
+        f"entry per sample (labels say {n}), got {a.dtype} {a.shape}"
+      )
+  if n == 0:
+    raise ValueError(f"{path}: the split is empty (0 samples)")
+  labels = arrays["labels"].astype(np.float32)
+  if not np.all(np.isfinite(labels)) or np.abs(labels).max() > 3.0:
+    raise ValueError(f"{path}: 'labels' should be finite and in [-3, 3]")
+  out: dict[str, Any] = {
+    "labels": labels,
+    "ratings": arrays["ratings"].astype(np.float32),
+    "ids": [str(x) for x in arrays["ids"]],
+    "speakers": arrays["speakers"].astype(np.int32),
+    "rates": arrays["rates"].astype(np.int32),
+    "pitches": arrays["pitches"].astype(np.int32),
+  }
+  for key, (off_key, kind, extra) in _SR_RAGGED.items():
+    a, off = arrays[key], arrays[off_key]
+    dims = (width[key],) if key in width else a.shape[1:]
+    if a.dtype.kind != kind or a.ndim != 1 + extra or a.shape[1:] != dims:
+      raise ValueError(
+        f"{path}: {key!r} should be kind {kind!r} with shape "
+        f"[rows{', ' + str(dims[0]) if extra else ''}], got {a.dtype} "
+        f"{a.shape}"
+      )
+    if (
+      off.shape != (n + 1,)
+      or off.dtype.kind != "i"
+      or off[0] != 0
+      or off[-1] != a.shape[0]
+      or np.any(np.diff(off) < 0)
+    ):
+      raise ValueError(
+        f"{path}: {off_key!r} should be {n + 1} nondecreasing offsets from "
+        f"0 to {a.shape[0]} (the rows of {key!r}), got {off.dtype} "
+        f"{off.shape} {off[:3]}...{off[-2:]}"
+      )
+    if key in ("text_ids", "audio", "vision") and np.any(np.diff(off) == 0):
+      i = int(np.flatnonzero(np.diff(off) == 0)[0])
+      raise ValueError(f"{path}: sample {i} has an empty {key!r} sequence")
+    if key == "text_ids" and (a.min() < 0 or a.max() >= vocab_size):
+      raise ValueError(
+        f"{path}: 'text_ids' should lie in [0, {vocab_size}) (the "
+        f"vocabulary size), found {a.min()}..{a.max()}"
+      )
+    if kind == "f":
+      a = a.astype(np.float32)
+      if not np.all(np.isfinite(a)):
+        raise ValueError(f"{path}: {key!r} holds NaN or infinite values")
+    if key == "tokens":
+      words = a.tolist()
+      parts = [words[i:j] for i, j in zip(off[:-1], off[1:], strict=True)]
+    else:
+      parts = np.split(a, off[1:-1])
+    out["words" if key == "word_events" else key] = parts
+  return out
+
+
+def load_spoken_reviews(path: str | os.PathLike) -> dict[str, Any]:
+  """Loads a SpokenReviews folder (`experiments/spoken_reviews.py`).
+
+  Args:
+    path: the cache folder, holding `train.npz`, `valid.npz`, `test.npz`,
+      `vocab.json` and `meta.json`.
+
+  Returns:
+    A dict with one entry per split, `"train"`, `"valid"`, `"test"`, each
+    a dict of
+
+    * `text_ids`: list of `[L]` int32 token ids (0 = pad, 1 = unknown);
+    * `tokens`: list of lists of the token strings;
+    * `audio`: list of `[T_a, 40]` float32 log-mel frames at 100 Hz;
+    * `vision`: list of `[T_v, C]` float32 articulatory frames at 30 fps;
+    * `labels`: `[n]` float32 in [-3, 3] (mean rating x 0.75);
+    * `ratings`, `speakers`, `rates`, `pitches`: `[n]` arrays;
+    * `ids`: list of the sentence ids; `words`: list of `[W, 3]` int32
+      word events (audio ms, 1-based character position, length);
+
+    plus `"vocab"` (the list of token strings, index = id) and `"meta"`
+    (the build's parameters, from `meta.json`).
+
+  Raises:
+    FileNotFoundError: the folder or one of its files is missing.
+    ValueError: a file is unreadable or an array has the wrong key, dtype,
+      shape or range; the message names the file and the array.
+  """
+  root = os.fspath(path)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(
+      f"SpokenReviews folder not found: {root!r}; build it with "
+      "`python -m experiments.spoken_reviews --data_dir=...`"
+    )
+  meta_path = os.path.join(root, "meta.json")
+  meta = _read_json(meta_path)
+  try:
+    width = {
+      "audio": int(meta["audio"]["n_mels"]),
+      "vision": len(meta["vision"]["channels"]),
+    }
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(
+      f"{meta_path}: expected audio.n_mels and vision.channels ({e!r})"
+    ) from e
+  vocab_path = os.path.join(root, "vocab.json")
+  vocab = _read_json(vocab_path)
+  if (
+    not isinstance(vocab, list)
+    or len(vocab) < 2
+    or not all(isinstance(t, str) for t in vocab)
+  ):
+    raise ValueError(
+      f"{vocab_path}: expected a list of token strings starting with the "
+      "pad and unknown tokens"
+    )
+  out: dict[str, Any] = {
+    split: _sr_split(os.path.join(root, f"{split}.npz"), width, len(vocab))
+    for split in SPLITS
+  }
+  out["vocab"] = vocab
+  out["meta"] = meta
+  return out
