@@ -18,11 +18,37 @@ numpy generators seeded with that pair:
   global batch of 176 clips the masked fraction is about 0.43 instead of
   0.46 (spec §4a.4), the price of a batch independent of the device count.
 
-The only source so far is ``config.data.source="synthetic"``: the inputs are
-*generated*, not read from a corpus -- tones in noise for audio, smooth
-random patterns for images, uniform random tokens for text -- while the
-masks follow the modality's real recipe with the config's parameters.
-Readers of real corpora will replace the input half and keep the masking.
+Sources (``config.data.source``):
+
+* ``"synthetic"`` (the default, every modality): the inputs are
+  *generated* -- tones in noise for audio, smooth random patterns for
+  images, uniform random tokens for text -- while the masks follow the
+  modality's real recipe with the config's parameters;
+* ``"fashion_mnist"`` (vision): Fashion-MNIST's training images through
+  data2vec's augmentations, resized to the model's image size
+  (`d2vjax.datasets.images.ImageLoader`); ``config.data.path`` names the
+  folder of IDX files, else the Debian package is fetched into
+  ``config.data.data_dir``;
+* ``"speech"`` (audio): fixed-length random crops of real clips
+  (`d2vjax.datasets.audio.CropLoader`, normalised per clip) from the sets
+  of `experiments.speech_corpus` named in ``config.data.speech_sets``
+  (comma-separated: ``spoken_sentences`` -- its train split -- and/or
+  ``tuxpaint``), built or found under ``config.data.data_dir``, or from
+  the built folders in ``config.data.path``. Clips shorter than
+  ``config.data.num_samples`` are skipped (the reference's
+  ``min_sample_size``), so lower it for short clips (Tux Paint: about
+  1.4 s);
+* ``"corpus"`` (text): RoBERTa-style blocks of real English
+  (`experiments.text_corpus`); ``config.data.path`` names a built corpus,
+  else the one with the model's vocabulary is found or built under
+  ``config.data.data_dir`` (and repacked to ``config.data.seq_len``).
+  The model's ``vocab_size`` and ``mask.mask_id`` must match the
+  tokenizer.
+
+Real sources pick the examples of a step with
+`d2vjax.datasets.sampling` (a per-epoch permutation) and draw their
+augmentations from their own streams; the masks come from the same
+per-row generators as in the synthetic path.
 
 Batch layout (see `d2vjax.pretrain`): ``inputs`` (waveforms ``[B, samples]``
 float32, images ``[B, H, W, 3]`` float32, or corrupted ids ``[B, T]``
@@ -35,14 +61,27 @@ statistics free of padding.
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
 import ml_collections
 import numpy as np
 
 from d2vjax import masking, pretrain, speech
+from d2vjax.datasets import audio as audio_lib
+from d2vjax.datasets import images as images_lib
+from d2vjax.datasets import text as text_lib
+from experiments import fetch, speech_corpus, text_corpus
 
-SOURCES = ("synthetic",)
+# Data source -> the modalities it serves.
+SOURCES = {
+  "synthetic": ("audio", "vision", "text"),
+  "fashion_mnist": ("vision",),
+  "corpus": ("text",),
+  "speech": ("audio",),
+}
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 
 
 def num_frames(config: ml_collections.ConfigDict) -> int:
@@ -80,6 +119,65 @@ def _synthetic_wave(rng: np.random.Generator, num: int, rate: int):
   return _normalise(np.resize(tones, num) + noise)
 
 
+@functools.lru_cache(maxsize=2)
+def speech_sets(
+  names: str, path: str, data_dir: str, limit: int
+) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+  """The packed clips ``(audio, offsets)`` of the configured speech sets.
+
+  Args:
+    names: comma-separated `speech_corpus.SETS`, built (or found) under
+      `data_dir`; spoken sentences give their train split.
+    path: comma-separated built set folders instead (their train split, or
+      ``all`` for Tux Paint); "" = use `names`.
+    data_dir: the data directory ("" = the default cache).
+    limit: sentences of the spoken set (0 = all).
+  """
+  folders = [p.strip() for p in path.split(",") if p.strip()]
+  if not folders:
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = set(chosen) - set(speech_corpus.SETS)
+    if unknown or not chosen:
+      raise ValueError(
+        f"config.data.speech_sets={names!r}; use some of "
+        f"{speech_corpus.SETS}, comma-separated"
+      )
+    for name in chosen:
+      if name == "tuxpaint":
+        folders.append(speech_corpus.build_tuxpaint(data_dir or None))
+      else:
+        folders.append(
+          speech_corpus.build_spoken_sentences(
+            data_dir or None, limit=limit or None
+          )
+        )
+  out = []
+  for folder in folders:
+    split = "all" if (Path(folder) / "all.npz").is_file() else "train"
+    clips = speech_corpus.load(folder, split)
+    out.append((clips["audio"], clips["offsets"]))
+  return tuple(out)
+
+
+def _speech_waves(config, step, lo, hi) -> np.ndarray:
+  d = config.data
+  if d.sample_rate != speech_corpus.SAMPLE_RATE:
+    raise ValueError(
+      f"config.data.sample_rate={d.sample_rate}: the speech sets are at "
+      f"{speech_corpus.SAMPLE_RATE} Hz"
+    )
+  sets = speech_sets(
+    d.get("speech_sets", "spoken_sentences"),
+    d.get("path", ""),
+    d.get("data_dir", ""),
+    d.get("speech_limit", 0),
+  )
+  loader = audio_lib.CropLoader(
+    sets, config.train.batch_size, d.num_samples, config.train.seed
+  )
+  return loader.batch(step, (lo, hi))["waveforms"]
+
+
 def _audio(config, step, lo, hi) -> dict[str, np.ndarray]:
   frames = num_frames(config)
   m = config.mask
@@ -93,6 +191,8 @@ def _audio(config, step, lo, hi) -> dict[str, np.ndarray]:
     mask_dropout=m.mask_dropout,
     rng=np.random.default_rng([config.train.seed, step]),
   )
+  if config.data.source == "speech":
+    return {"inputs": _speech_waves(config, step, lo, hi), "mask": mask[lo:hi]}
   waves = [
     _synthetic_wave(
       _row_rng(config, step, row),
@@ -115,15 +215,49 @@ def _synthetic_image(rng: np.random.Generator, size: int, out: np.ndarray):
   out += (rng.random((size, size, 3), np.float32) - 0.5) * np.float32(0.7)
 
 
+@functools.lru_cache(maxsize=2)
+def _fashion_mnist(path: str, data_dir: str) -> dict:
+  if not path:
+    path = str(fetch.apt_package(FASHION_MNIST_PACKAGE, data_dir or None))
+  return images_lib.load_fashion_mnist(path)
+
+
+def _image_loader(config) -> images_lib.ImageLoader:
+  d = config.data
+  splits = _fashion_mnist(d.get("path", ""), d.get("data_dir", ""))
+  if d.split not in splits:
+    raise ValueError(
+      f"config.data.split={d.split!r}; use one of {tuple(splits)}"
+    )
+  return images_lib.ImageLoader(
+    *splits[d.split],
+    batch_size=config.train.batch_size,
+    image_size=config.model.image_size,
+    seed=config.train.seed,
+    augment=d.augment,
+    scale=tuple(d.crop_scale),
+    ratio=tuple(d.crop_ratio),
+    flip=d.flip,
+    jitter=d.jitter,
+    mean=d.mean,
+    std=d.std,
+  )
+
+
 def _vision(config, step, lo, hi) -> dict[str, np.ndarray]:
   size, patch = config.model.image_size, config.model.patch_size
   grid = (size // patch, size // patch)
   m = config.mask
-  images = np.empty((hi - lo, size, size, 3), np.float32)
+  synthetic = config.data.source == "synthetic"
+  if synthetic:
+    images = np.empty((hi - lo, size, size, 3), np.float32)
+  else:
+    images = _image_loader(config).batch(step, (lo, hi))["images"]
   masks = np.empty((hi - lo, grid[0] * grid[1]), bool)
   for i, row in enumerate(range(lo, hi)):
     rng = _row_rng(config, step, row)
-    _synthetic_image(rng, size, images[i])
+    if synthetic:  # the image first: keeps the generated batches as they were
+      _synthetic_image(rng, size, images[i])
     masks[i] = masking.block_mask(
       grid,
       num_masking_patches=m.num_masking_patches,
@@ -187,20 +321,89 @@ def _text_row(config, rng: np.random.Generator, ids: np.ndarray):
   return mask, corrupted
 
 
+@functools.lru_cache(maxsize=2)
+def _corpus_blocks(path: str, seq_len: int) -> tuple[dict, np.ndarray]:
+  corpus = text_lib.load_corpus(path)
+  meta, blocks = corpus["meta"], corpus["blocks"]
+  if blocks.shape[1] != seq_len:  # repack the stream for this length
+    blocks = text_lib.pack_blocks(
+      np.asarray(corpus["tokens"]), seq_len, dtype=blocks.dtype
+    )
+  return meta, blocks
+
+
+@functools.lru_cache(maxsize=2)
+def _default_corpus(data_dir: str, vocab: int, words: int) -> str:
+  # The vocabulary comes from the config, so that model and tokenizer agree
+  # by construction; blocks of another length are repacked on loading.
+  try:
+    path = text_corpus.build_corpus(
+      data_dir or None, vocab_size=vocab, max_words=words
+    )
+  except ValueError as e:
+    raise ValueError(
+      f"config.model.vocab_size={vocab} cannot size the corpus tokenizer: "
+      f"{e}; pass e.g. --config.model.vocab_size=8192 "
+      "--config.mask.mask_id=8191"
+    ) from e
+  return str(path)
+
+
+def _corpus_path(config) -> str:
+  d = config.data
+  if d.get("path", ""):
+    return d.path
+  return _default_corpus(
+    d.get("data_dir", ""), config.model.vocab_size, d.get("max_words", 0)
+  )
+
+
+def check_corpus_ids(config, meta: dict, path: str) -> None:
+  """Raises ValueError unless the config's ids are the tokenizer's."""
+  ids = meta["ids"]
+  pairs = (
+    ("config.model.vocab_size", config.model.vocab_size, meta["vocab_size"]),
+    ("config.mask.mask_id", config.mask.mask_id, ids["mask"]),
+    ("config.model.pad_id", config.model.pad_id, ids["pad"]),
+    ("config.data.bos_id", config.data.bos_id, ids["bos"]),
+    ("config.data.eos_id", config.data.eos_id, ids["eos"]),
+  )
+  for name, have, want in pairs:
+    if have != want:
+      raise ValueError(
+        f"{name}={have} but the corpus tokenizer in {path} has {want}; pass "
+        f"--config.model.vocab_size={meta['vocab_size']} "
+        f"--config.mask.mask_id={ids['mask']} (and the tokenizer's pad/bos/"
+        "eos ids) or point config.data.path at a matching corpus"
+      )
+
+
+def _corpus_ids(config, step, lo, hi) -> np.ndarray:
+  path = _corpus_path(config)
+  meta, blocks = _corpus_blocks(path, config.data.seq_len)
+  check_corpus_ids(config, meta, path)
+  loader = text_lib.BlockLoader(
+    blocks, config.train.batch_size, config.train.seed
+  )
+  return loader.batch(step, (lo, hi))["ids"]
+
+
 def _text(config, step, lo, hi) -> dict[str, np.ndarray]:
   if config.mask.style not in ("span", "bert"):
     raise ValueError(
       f"config.mask.style={config.mask.style!r}; use 'span' or 'bert'"
     )
   d = config.data
-  if not 2 <= d.min_len <= d.seq_len:
+  synthetic = d.source == "synthetic"
+  if synthetic and not 2 <= d.min_len <= d.seq_len:
     raise ValueError(
       f"config.data.min_len={d.min_len} must be in [2, seq_len={d.seq_len}]"
     )
+  corpus = None if synthetic else _corpus_ids(config, step, lo, hi)
   rows = {"targets_ids": [], "inputs": [], "mask": []}
-  for row in range(lo, hi):
+  for i, row in enumerate(range(lo, hi)):
     rng = _row_rng(config, step, row)
-    ids = _synthetic_ids(config, rng)[None]
+    ids = _synthetic_ids(config, rng)[None] if synthetic else corpus[i : i + 1]
     mask, corrupted = _text_row(config, rng, ids)
     rows["targets_ids"].append(ids[0])
     rows["inputs"].append(corrupted[0])
@@ -234,17 +437,21 @@ def batch_at(
     module docstring), checked with `d2vjax.pretrain.check_batch`.
 
   Raises:
-    ValueError: for an unknown data source, modality or text masking style,
-      bad `rows`, or a degenerate batch (e.g. a mask that masks nothing).
+    ValueError: for an unknown data source or modality (or a source that
+      does not serve the modality), an unknown text masking style, bad
+      `rows`, a tokenizer whose ids differ from the config's, or a
+      degenerate batch (e.g. a mask that masks nothing).
   """
-  if config.data.source not in SOURCES:
-    raise ValueError(
-      f"config.data.source={config.data.source!r}; this build generates "
-      f"data only: use one of {SOURCES}"
-    )
   if config.modality not in _BUILDERS:
     raise ValueError(
       f"config.modality={config.modality!r}; use one of {tuple(_BUILDERS)}"
+    )
+  source = config.data.source
+  if config.modality not in SOURCES.get(source, ()):
+    usable = tuple(k for k, v in SOURCES.items() if config.modality in v)
+    raise ValueError(
+      f"config.data.source={source!r} does not serve {config.modality}; "
+      f"use one of {usable}"
     )
   size = config.train.batch_size
   lo, hi = (0, size) if rows is None else (int(rows[0]), int(rows[1]))

@@ -480,7 +480,7 @@ def evaluate(
     outs.append(
       jax.device_get(evaluate_fn(params, ft_data.to_global(device, sharding)))
     )
-  n = config.data.num_valid
+  n = ft_data.num_valid(config)
   cat = lambda key: np.concatenate([o[key] for o in outs])[:n]
   loss, logits = cat("loss"), cat("logits")
   result = {"loss": float(loss.mean())}
@@ -566,10 +566,7 @@ def create_state(
     ``(state, tx, schedule)``.
   """
   init_key, rng = jax.random.split(jax.random.key(config.train.seed))
-  example = ft_data.collate(
-    [ft_data.EXAMPLES[config.task](config, encoder, np.random.default_rng(0))]
-  )
-  example.pop("text", None)
+  example = ft_data.init_example(config, encoder)
 
   def init(key):
     kw = {}

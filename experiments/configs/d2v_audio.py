@@ -16,8 +16,13 @@ Variants:
 * ``tiny``: two CNN blocks, 2 layers of width 16 and 800-sample clips, for a
   few steps; runs in seconds on a CPU and is what the tests train.
 
-The data are *generated* waveforms (``config.data.source="synthetic"``, see
-`experiments.d2v_data`); readers for real corpora come later.
+The data are *generated* waveforms by default (``config.data.source=
+"synthetic"``, see `experiments.d2v_data`); ``source="speech"`` reads real
+clips instead, cropped to ``config.data.num_samples``:
+
+  python -m experiments.pretrain_d2v \
+    --config=experiments/configs/d2v_audio.py:tiny --workdir=/tmp/d2v_sp \
+    --config.data.source=speech --config.data.speech_sets=tuxpaint
 """
 
 import ml_collections
@@ -89,11 +94,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.stop_after_steps = 0
 
   c.data = ml_collections.ConfigDict()
-  # "synthetic": generated waveforms (experiments.d2v_data), the only source
-  # of this build; corpus readers plug in here.
+  # "synthetic": generated waveforms; "speech": crops of the sets of
+  # experiments.speech_corpus (experiments.d2v_data).
   c.data.source = "synthetic"
-  c.data.num_samples = 320_000  # max_sample_size: 20 s at 16 kHz
+  # max_sample_size: 20 s at 16 kHz. With source="speech" also the shortest
+  # clip used (min_sample_size): about 2-4 s suits the spoken sentences
+  # (6 s on average), 1 s the Tux Paint clips.
+  c.data.num_samples = 320_000
   c.data.sample_rate = 16_000
+  # source="speech": comma-separated sets (spoken_sentences, tuxpaint) built
+  # or found under data_dir ("" = the cache), or built folders in path.
+  c.data.speech_sets = "spoken_sentences"
+  c.data.speech_limit = 0  # spoken sentences to build; 0 = all
+  c.data.path = ""
+  c.data.data_dir = ""
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the data axis; -1 = all (divided by fsdp)

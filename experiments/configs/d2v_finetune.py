@@ -41,12 +41,19 @@ folder read by `d2vjax.convert.load_hf_checkpoint`; the architecture is the
 checkpoint's). ``config.model.overrides`` (dropouts, drop path, LayerDrop,
 dtype) applies on top in every case.
 
-Data are *generated* (``config.data.source="synthetic"``, see
-`experiments.finetune_loop`): speech is a sequence of tones, one pitch per
+Data are *generated* by default (``config.data.source="synthetic"``, see
+`experiments.finetune_data`): speech is a sequence of tones, one pitch per
 letter of a random transcript; an image's class is the hue sector of its
 mean colour; a text's label is the most frequent token group (regression:
-the share of one group, scaled to STS-B's 0-5). Corpus readers (LibriSpeech,
-ImageNet, GLUE) plug in at ``config.data.source``.
+the share of one group, scaled to STS-B's 0-5). Real sources:
+``spoken_sentences`` (espeak-spoken VADER sentences, letter CTC),
+``fashion_mnist`` (``model.num_classes=10``) and ``sentiment``
+(``vader_movie`` rating regression or sign, ``rt_polarity``), e.g.
+
+  python -m experiments.finetune_d2v \
+    --config=experiments/configs/d2v_finetune.py:image_tiny \
+    --config.data.source=fashion_mnist --config.model.num_classes=10 \
+    --workdir=/tmp/ft_fmnist
 """
 
 import ml_collections
@@ -115,9 +122,17 @@ def _common(task: str) -> ml_collections.ConfigDict:
   c.train.stop_after_steps = 0
 
   c.data = ml_collections.ConfigDict()
-  # "synthetic": generated examples (experiments.finetune_loop).
+  # "synthetic": generated examples; real ones per task: "spoken_sentences"
+  # (speech), "fashion_mnist" (image), "sentiment" (text); see
+  # experiments.finetune_data.
   c.data.source = "synthetic"
+  # Validation examples (synthetic), or the cap on a real validation split
+  # (0 = all of it).
   c.data.num_valid = 1_024
+  # Real sources: a built set (or IDX folder) to read, else data_dir ("" =
+  # the cache) where it is fetched or built.
+  c.data.path = ""
+  c.data.data_dir = ""
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the data axis; -1 = all
@@ -176,6 +191,10 @@ def _speech(split: str) -> ml_collections.ConfigDict:
   c.data.max_words = 12
   c.data.max_word_length = 8
   c.data.max_label_length = 120  # labels are padded to this many letters
+  # source="spoken_sentences": sentences to build (0 = all) and whether
+  # valid and test hold out whole speakers.
+  c.data.speech_limit = 0
+  c.data.speaker_disjoint = False
   return c
 
 
@@ -208,6 +227,12 @@ def _image() -> ml_collections.ConfigDict:
   c.mixup.prob = 1.0
   c.mixup.smoothing = 0.1
 
+  # source="fashion_mnist": training augmentations (ImageLoader).
+  c.data.augment = True
+  c.data.crop_scale = (0.25, 1.0)
+  c.data.flip = True
+  c.data.jitter = 0.0
+
   c.train.batch_size = 1_024
   c.train.steps = 125_114
   return c
@@ -238,6 +263,11 @@ def _text(task: str) -> ml_collections.ConfigDict:
   c.data.seq_len = 512  # padded length, <s> and </s> included
   c.data.min_len = 8
   c.data.bos_id, c.data.eos_id, c.data.num_special = 0, 2, 4
+  # source="sentiment": the set of experiments.sentiment_sets, and the
+  # text_corpus folder whose tokenizer builds it (unless data.path names a
+  # built one). vader_movie: num_labels 1 = rating, 2 = its sign.
+  c.data.sentiment_task = "vader_movie"
+  c.data.corpus = ""
   return c
 
 

@@ -23,8 +23,11 @@ uncorrupted sequence (the paper) unless
 ``config.model.teacher_sees_only_masked`` reproduces the released code,
 whose teacher reads only the masked tokens (fairseq issue #4881).
 
-The data are *generated* token sequences (``config.data.source=
-"synthetic"``, see `experiments.d2v_data`); corpus readers come later.
+The data are *generated* token sequences by default (``config.data.source=
+"synthetic"``, see `experiments.d2v_data`); ``--config.data.source=corpus``
+trains on blocks of real English (GCIDE, WordNet glosses, fortunes) with a
+byte-level BPE built by `experiments.text_corpus`, e.g. with
+``--config.model.vocab_size=8192 --config.mask.mask_id=8191``.
 """
 
 import ml_collections
@@ -95,9 +98,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.stop_after_steps = 0
 
   c.data = ml_collections.ConfigDict()
-  # "synthetic": generated token sequences (experiments.d2v_data), the only
-  # source of this build; corpus readers plug in here.
+  # "synthetic": generated token sequences (experiments.d2v_data);
+  # "corpus": packed blocks of real English (experiments.text_corpus) with
+  # its byte-level BPE, whose size must equal config.model.vocab_size (and
+  # <mask> = vocab_size - 1 = config.mask.mask_id).
   c.data.source = "synthetic"
+  # A corpus folder from experiments.text_corpus; "" = find or build the
+  # one with this vocab_size under data_dir ("" = the user's cache), of
+  # max_words words (0 = all, about 6.7M). Blocks are repacked to seq_len.
+  c.data.path = ""
+  c.data.data_dir = ""
+  c.data.max_words = 0
   c.data.seq_len = 512  # tokens_per_sample, <s> included
   # Generated sequences are between min_len and seq_len tokens long and
   # padded to seq_len, so that padding is exercised as in real batches.

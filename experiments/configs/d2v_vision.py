@@ -15,8 +15,10 @@ Variants:
 * ``tiny``: 16x16 images in 4x4 patches, 2 blocks of width 16, for a few
   steps; runs in seconds on a CPU and is what the tests train.
 
-The data are *generated* images (``config.data.source="synthetic"``, see
-`experiments.d2v_data`); readers for ImageNet come later.
+The data are *generated* images by default (``config.data.source=
+"synthetic"``, see `experiments.d2v_data`); ``--config.data.source=
+fashion_mnist`` trains on Fashion-MNIST (fetched from Debian, or read from
+``--config.data.path``), resized to the model's image size.
 """
 
 import ml_collections
@@ -82,10 +84,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.stop_after_steps = 0
 
   c.data = ml_collections.ConfigDict()
-  # "synthetic": generated images (experiments.d2v_data), the only source of
-  # this build; the ImageNet reader plugs in here. Image size and patches
-  # come from config.model.
+  # "synthetic": generated images (experiments.d2v_data); "fashion_mnist":
+  # the real training images, augmented and resized to
+  # config.model.image_size (grey, repeated to 3 channels). Image size and
+  # patches come from config.model.
   c.data.source = "synthetic"
+  # Folder of the Fashion-MNIST IDX files; "" = fetch the Debian package
+  # dataset-fashion-mnist into data_dir ("" = the user's cache).
+  c.data.path = ""
+  c.data.data_dir = ""
+  c.data.split = "train"
+  # data2vec_vision's augmentations (spec §4b.1): random resized crop with
+  # BEiT's scale and ratio ranges, horizontal flip, colour jitter 0.4
+  # (brightness and contrast on grey images); augment=False resizes the
+  # whole image.
+  c.data.augment = True
+  c.data.crop_scale = (0.08, 1.0)
+  c.data.crop_ratio = (3 / 4, 4 / 3)
+  c.data.flip = True
+  c.data.jitter = 0.4
+  # Fashion-MNIST pixel statistics (the recipe's ImageNet ones are for RGB).
+  c.data.mean = 0.2860
+  c.data.std = 0.3530
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the data axis; -1 = all (divided by fsdp)

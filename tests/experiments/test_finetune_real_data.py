@@ -1,0 +1,168 @@
+"""Fine-tuning on the real sources: spoken sentences, Fashion-MNIST, VADER.
+
+Inputs are tiny generated files in the real formats: a VADER sdist of short
+sentences spoken by espeak-ng, Fashion-MNIST IDX files, and a sentiment set
+``vader_movie.npz`` as `experiments.sentiment_sets` writes it.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from d2vjax.datasets import text as text_lib
+from experiments import finetune_d2v, finetune_data, finetune_loop, writers
+from experiments import speech_corpus as sc
+from experiments.configs import d2v_finetune
+from tests.d2vjax.test_datasets_images import write_fashion_mnist
+from tests.experiments.test_speech_corpus import SHORT
+from tests.experiments.test_vader import make_sdist
+
+pytestmark = pytest.mark.usefixtures("xla_cache")
+
+
+@pytest.fixture(scope="module")
+def spoken(tmp_path_factory):
+  sdist = make_sdist(tmp_path_factory.mktemp("s") / "v.tar.gz", movie=SHORT)
+  return sc.build_spoken_sentences(
+    tmp_path_factory.mktemp("data"),
+    domains=("movie",),
+    seed=1,
+    workers=1,
+    archive=sdist,
+    progress=False,
+  )
+
+
+def _speech_config(path):
+  c = d2v_finetune.get_config("speech_tiny")
+  c.mesh.data = 1
+  c.data.source, c.data.path = "spoken_sentences", str(path)
+  c.data.num_samples, c.data.max_label_length = 48_000, 40
+  # A stride of 80 samples: 600 frames for 3 s, cheap on a CPU.
+  c.model.encoder.conv_layers = ((16, 10, 5),) + ((16, 3, 2),) * 3
+  return c
+
+
+def _encoder(c):
+  return finetune_loop.load_encoder(c, finetune_loop.make_mesh(c))[0]
+
+
+def test_speech_batches_hold_the_transcripts(spoken):
+  c = _speech_config(spoken)
+  encoder = _encoder(c)
+  train = sc.load(spoken, "train")
+  batch = finetune_data.batch_at(c, encoder, 3)
+  assert batch["waveform"].shape == (8, 48_000)
+  lengths = set(np.diff(train["offsets"]).tolist())
+  assert set(batch["attention_mask"].sum(1).tolist()) <= lengths
+  texts = {str(t) for t in train["transcripts"]}
+  for ids in batch["labels"]:
+    assert finetune_data.VOCAB.decode(ids) in texts
+  real = batch["attention_mask"] == 1
+  assert np.all(batch["waveform"][~real] == 0)
+  assert batch["time_mask"].any() and "channel_mask" in batch
+  again = finetune_data.batch_at(c, encoder, 3)
+  for k, v in batch.items():
+    np.testing.assert_array_equal(v, again[k], err_msg=k)
+  valid = finetune_data.valid_batches(c, encoder)
+  n = finetune_data.num_valid(c)
+  assert n == len(sc.load(spoken, "valid")["ids"])
+  assert valid[0]["text"][:n] == [
+    str(t) for t in sc.load(spoken, "valid")["transcripts"]
+  ]
+  c.data.num_samples = 4_000
+  with pytest.raises(ValueError, match="fits config.data.num_samples=4000"):
+    finetune_data.batch_at(c, encoder, 0)
+
+
+def test_fashion_mnist_task(tmp_path):
+  data = write_fashion_mnist(tmp_path / "fm", n_train=24, n_test=8)
+  c = d2v_finetune.get_config("image_tiny")
+  c.mesh.data = 1
+  c.data.source, c.data.path = "fashion_mnist", str(tmp_path / "fm")
+  with pytest.raises(ValueError, match="num_classes=10"):
+    finetune_data.check_source(c)
+  c.model.num_classes = 10
+  encoder = _encoder(c)
+  batch = finetune_data.batch_at(c, encoder, 2)
+  assert batch["images"].shape == (16, 16, 16, 3)
+  assert batch["targets"].shape == (16, 10)
+  np.testing.assert_allclose(batch["targets"].sum(-1), 1, rtol=1e-6)
+  assert finetune_data.num_valid(c) == 8
+  (valid,) = finetune_data.valid_batches(c, encoder)
+  # The first 8 rows: every test image once, unaugmented.
+  assert sorted(valid["labels"][:8].tolist()) == sorted(
+    data["test"][1].tolist()
+  )
+  c.data.source = "spoken_sentences"
+  with pytest.raises(ValueError, match="does not serve the image task"):
+    finetune_data.check_source(c)
+
+
+def _sentiment_folder(folder, max_len=12):
+  rng = np.random.default_rng(0)
+  n = 30
+  lengths = rng.integers(3, max_len + 3, n).clip(max=max_len)
+  ids = np.full((n, max_len), text_lib.PAD_ID, np.int32)
+  for row, k in zip(ids, lengths, strict=True):
+    row[0], row[1 : k - 1], row[k - 1] = 0, rng.integers(4, 40, k - 2), 2
+  labels = np.round(rng.uniform(-3, 3, n), 1).astype(np.float32)
+  labels[:4] = 0.0
+  split = (np.arange(n) % 5 == 0).astype(np.uint8)  # 6 valid
+  folder.mkdir()
+  np.savez(
+    folder / "vader_movie.npz",
+    ids=ids,
+    lengths=lengths,
+    labels=labels,
+    split=split,
+  )
+  return labels, split
+
+
+def test_sentiment_task_regression_and_sign(tmp_path):
+  labels, split = _sentiment_folder(tmp_path / "sent")
+  c = d2v_finetune.get_config("text_tiny")
+  c.mesh.data = 1
+  c.data.source = "sentiment"
+  with pytest.raises(ValueError, match="config.data.path"):
+    finetune_data.check_source(c)
+  c.data.path = str(tmp_path / "sent")
+  c.model.num_labels = 1
+  encoder = _encoder(c)
+  batch = finetune_data.batch_at(c, encoder, 0)
+  assert batch["input_ids"].shape == (8, 16)
+  assert batch["labels"].dtype == np.float32
+  assert set(batch["labels"].tolist()) <= set(labels[split == 0].tolist())
+  np.testing.assert_array_equal(
+    batch["attention_mask"], batch["input_ids"] != text_lib.PAD_ID
+  )
+  assert finetune_data.num_valid(c) == 6
+  c.model.num_labels = 2  # the sign; zero ratings left out
+  finetune_data._sentiment_set.cache_clear()
+  (valid,) = finetune_data.valid_batches(c, _encoder(c))
+  want = (labels[(split == 1) & (labels != 0)] > 0).astype(np.int32)
+  assert finetune_data.num_valid(c) == len(want)
+  np.testing.assert_array_equal(valid["labels"][: len(want)], want)
+  c.model.encoder.vocab_size = 30  # the set's ids reach 39
+  with pytest.raises(ValueError, match="does not fit the encoder"):
+    finetune_data.batch_at(c, _encoder(c), 0)
+  c.data.sentiment_task, c.model.num_labels = "rt_polarity", 1
+  with pytest.raises(ValueError, match="rt_polarity needs 2"):
+    finetune_data.check_source(c)
+
+
+def test_speech_finetuning_runs_on_spoken_sentences(spoken, tmp_path):
+  c = _speech_config(spoken)
+  # One compiled step variant and small batches: the run stays short.
+  c.train.steps, c.train.eval_every, c.train.batch_size = 3, 3, 4
+  c.optim.freeze_finetune_updates = 0
+  c.data.num_samples = 32_000
+  finetune_d2v.run(c, str(tmp_path))
+  records = writers.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  evals = [r for r in records if "eval/valid/wer" in r]
+  assert evals and np.isfinite(evals[-1]["eval/valid/loss"])
+  assert 0 <= evals[-1]["eval/valid/cer"]
+  losses = [r["train/loss"] for r in records if "train/loss" in r]
+  assert len(losses) == 3 and np.all(np.isfinite(losses))
