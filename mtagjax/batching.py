@@ -14,6 +14,11 @@ a `jraph.GraphsTuple`:
 * `edges` holds `type`, `graph` and `mask`; padding edges are masked out;
 * `globals` holds the graph `mask`.
 
+With `layout="dense"` (`config.backend="dense"`) the batcher returns a
+`DenseBatch` for the dense MTGAT backend instead: the same flat nodes and
+features, and per-graph node blocks with `[N, N]` edge tables instead of
+edge lists (`mtagjax.dense_layout`).
+
 Budgets (frames per modality, edges) are rounded up on geometric ladders, so a
 long epoch compiles a handful of times instead of once per batch. The number of
 edges each pruning keeps is computed here, from the real edge counts, exactly
@@ -32,8 +37,13 @@ import jraph
 import ml_collections
 import numpy as np
 
+from mtagjax import config as config_lib
+from mtagjax import dense_layout
 from mtagjax import graph as graph_lib
+from mtagjax.dense_layout import DenseBatch, DenseGroup  # noqa: F401
 from mtagjax.layers import PRUNE_SCOPES
+
+LAYOUTS = ("segment", "dense")
 
 
 class Sample(NamedTuple):
@@ -174,6 +184,11 @@ class GraphBatcher:
       batches. Padding never changes results, and with random batches the
       budgets settle within a few batches, so an epoch compiles a handful
       of times. Use one batcher per split (train, eval).
+    layout: "segment" (a `Batch`) or "dense" (a `DenseBatch` for the dense
+      backend); None follows `config.backend`. Dense batches sort each
+      shard's graphs by size into `config.dense_groups` groups of slots,
+      each padded to its own node budget on the `config.dense_node_growth`
+      ladder (sticky as well).
 
   Bad input raises `ValueError` naming the sample and modality: a wrong
   feature size or number of modalities, NaN or inf features, positions
@@ -192,6 +207,7 @@ class GraphBatcher:
     num_shards: int = 1,
     dtype: Any = np.float32,
     sticky_budgets: bool = True,
+    layout: str | None = None,
   ):
     if batch_size < 1 or num_shards < 1:
       raise ValueError(
@@ -207,10 +223,22 @@ class GraphBatcher:
         f"config.empty_samples={config.empty_samples!r}; expected 'error' "
         "or 'drop'"
       )
+    layout = config.get("backend", "segment") if layout is None else layout
+    if layout not in LAYOUTS:
+      raise ValueError(
+        f"layout {layout!r} (or config.backend); expected one of {LAYOUTS}"
+      )
+    self.layout = layout
     self.config = config
     self.batch_size = batch_size
     self.num_shards = num_shards
     self.per_shard = -(-batch_size // num_shards)
+    self._dense_nodes: list[int] = []
+    if layout == "dense":
+      self.num_groups = int(config.get("dense_groups", 4))
+      if self.num_groups < 1:
+        raise ValueError(f"config.dense_groups={self.num_groups} must be >= 1")
+      self._dense_nodes = [0] * min(self.num_groups, self.per_shard)
     self.dtype = np.dtype(dtype)
     self.sticky_budgets = sticky_budgets
     self._budgets = ([0] * len(config.modalities), 0)
@@ -260,6 +288,16 @@ class GraphBatcher:
           f"{f[tuple(bad)]} at frame {bad[0]}, feature {bad[1]}; clean the "
           "data first (the official audio reader maps -inf to 0)"
         )
+      vocab = config_lib.vocab_sizes(c)
+      if vocab[m] and f.size:
+        ok = (f == np.round(f)) & (f >= 0) & (f < vocab[m])
+        if not ok.all():
+          bad = np.argwhere(~ok)[0]
+          raise ValueError(
+            f"sample {i}, modality {name!r}: token id {f[tuple(bad)]} at "
+            f"frame {bad[0]} is not an integer in [0, "
+            f"config.vocab_sizes[{m}]={vocab[m]})"
+          )
     lengths = [f.shape[0] for f in feats]
     if sample.positions is None:
       try:
@@ -289,8 +327,24 @@ class GraphBatcher:
 
   # -- building --------------------------------------------------------------
 
-  def __call__(self, samples: Sequence[Sample]) -> Batch:
-    """Validates, pads and shards `samples` into one `Batch`."""
+  @property
+  def dense_budgets(self) -> list[int]:
+    """Node budget `N` of each dense group (layout "dense"); assignable."""
+    return list(self._dense_nodes)
+
+  @dense_budgets.setter
+  def dense_budgets(self, value: Sequence[int]) -> None:
+    if len(value) != len(self._dense_nodes):
+      raise ValueError(
+        f"dense_budgets needs {len(self._dense_nodes)} sizes, got {len(value)}"
+      )
+    self._dense_nodes = [int(v) for v in value]
+
+  def __call__(self, samples: Sequence[Sample]) -> Batch | DenseBatch:
+    """Validates, pads and shards `samples` into one `Batch`.
+
+    With layout "dense" the result is a `DenseBatch` of the same samples.
+    """
     c = self.config
     checked = []
     for i, s in enumerate(samples):
@@ -327,6 +381,9 @@ class GraphBatcher:
     edges = bucket_size(
       max(b["num_edges"] for b in built), growth=c.edge_growth, minimum=64
     )
+    if self.layout == "dense":
+      # No edge arrays reach the device: keep exactly the real edges.
+      edges = max(1, max(b["num_edges"] for b in built))
     if self.sticky_budgets:
       # Budgets only grow: once a large batch has been seen, smaller ones
       # reuse its shapes, so an epoch compiles only while budgets are still
@@ -335,7 +392,8 @@ class GraphBatcher:
       frames = [
         max(f, s) for f, s in zip(frames, self._budgets[0], strict=True)
       ]
-      edges = max(edges, self._budgets[1])
+      if self.layout == "segment":
+        edges = max(edges, self._budgets[1])
     if sum(frames) > c.max_nodes or edges > c.max_edges:
       raise ValueError(
         f"batch needs {sum(frames)} nodes and {edges} edges per shard, over "
@@ -347,7 +405,29 @@ class GraphBatcher:
     total_edges = sum(b["num_edges"] for b in built)
     proto = checked[0][3]
     padded = [self._pad(b, frames, edges, total_edges, proto) for b in built]
+    if self.layout == "dense":
+      return self._densify(padded, [b["num_edges"] for b in built])
     return _stack(padded)
+
+  def _densify(self, shards: list[Batch], real_edges: list[int]):
+    """Segment-layout shards (real edges only) to one `DenseBatch`."""
+    c = self.config
+    slots, order, sizes, needs = dense_layout.group_slots(
+      shards, self.num_groups
+    )
+    budgets = [
+      bucket_size(max(need, 1), growth=c.dense_node_growth, minimum=8)
+      for need in needs
+    ]
+    if self.sticky_budgets:
+      budgets = [
+        max(n, old) for n, old in zip(budgets, self._dense_nodes, strict=True)
+      ]
+    self._dense_nodes = budgets
+    num_types = graph_lib.num_edge_types(len(c.modalities), c.edge_types)
+    return dense_layout.build(
+      shards, real_edges, slots, order, sizes, budgets, num_types
+    )
 
   def _shard_parts(self, shard):
     """Concatenates one shard's samples (real nodes and edges only)."""

@@ -31,6 +31,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.modalities = MOSI_MODALITIES
   c.feature_dims = (20, 300, 5)
   c.padded_lengths = (500, 50, 375)
+  # Token modalities: V > 0 makes that modality's frames token ids in
+  # [0, V) (given as `[length, 1]` arrays, with feature_dims 1) embedded by a
+  # learned table instead of projected feature vectors (e.g. text where no
+  # word vectors exist). 0 = feature vectors (the official inputs).
+  c.vocab_sizes = (0, 0, 0)
 
   # Graph construction (spec section 3).
   c.alignment = "official"  # or "paper": pseudo-alignment window rule
@@ -67,8 +72,38 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_edges = 1 << 25
   c.empty_samples = "error"  # or "drop" (the official code, with a warning)
 
+  # MTGAT backend (both compute the same function from the same parameters):
+  # "segment" runs over padded edge lists; "dense" over per-graph node blocks
+  # with an [N, N] edge-type table (fast when graphs are nearly complete, as
+  # the official cross-modal edges make them). Dense batches sort graphs by
+  # size into `dense_groups` groups, each padded to a node budget on a
+  # ladder of ratio `dense_node_growth`; `dense_remat` recomputes each layer
+  # in the backward pass instead of storing its [B, H, N, N] intermediates.
+  c.backend = "segment"
+  c.dense_groups = 8
+  c.dense_node_growth = 1.125
+  c.dense_remat = True
+
   c.dtype = "float32"  # compute dtype; parameters stay float32
   return c
+
+
+def vocab_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """`config.vocab_sizes`, one per modality (all 0 when none is a token one).
+
+  An all-zero setting fits any number of modalities, so configs that change
+  `modalities` without token inputs need not touch it.
+  """
+  vocab = tuple(int(v) for v in config.get("vocab_sizes", ()) or ())
+  count = len(config.modalities)
+  if not any(vocab):
+    return (0,) * count
+  if len(vocab) != count:
+    raise ValueError(
+      "config.vocab_sizes must give one entry (0 = feature vectors) per "
+      f"modality of {tuple(config.modalities)}; got {vocab}"
+    )
+  return vocab
 
 
 def iemocap_config() -> ml_collections.ConfigDict:

@@ -145,6 +145,39 @@ class MTGATConv(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
+  def parameters(self, x: Array) -> tuple[Array, ...]:
+    """Creates (or fetches) the layer's parameters, promoted with `x`.
+
+    Shared by both backends (`mtagjax.dense` subclasses this module), so one
+    parameter tree runs on either.
+
+    Returns:
+      `(x, kernel, att_src, att_dst, bias)` in the compute dtype.
+    """
+    if self.features % self.heads:
+      raise ValueError(
+        f"features ({self.features}) must be divisible by heads ({self.heads})"
+      )
+    channels = self.features // self.heads
+    glorot = functools.partial(
+      nn.initializers.glorot_uniform, in_axis=-2, out_axis=-1, batch_axis=(0,)
+    )
+    kernel = self.param(
+      "kernel",
+      glorot(),
+      (self.num_node_types, x.shape[-1], self.features),
+      self.param_dtype,
+    )
+    att_shape = (self.num_edge_types, self.heads, channels)
+    att_src = self.param("att_src", glorot(), att_shape, self.param_dtype)
+    att_dst = self.param("att_dst", glorot(), att_shape, self.param_dtype)
+    bias = self.param(
+      "bias", nn.initializers.zeros, (self.features,), self.param_dtype
+    )
+    return nn.dtypes.promote_dtype(
+      x, kernel, att_src, att_dst, bias, dtype=self.dtype
+    )
+
   @nn.compact
   def __call__(
     self,
@@ -176,29 +209,7 @@ class MTGATConv(nn.Module):
       `(out, alpha)`: new node features `[..., N, features]` and the
       pre-dropout attention `[..., E, heads]` (zero on masked edges).
     """
-    if self.features % self.heads:
-      raise ValueError(
-        f"features ({self.features}) must be divisible by heads ({self.heads})"
-      )
-    channels = self.features // self.heads
-    glorot = functools.partial(
-      nn.initializers.glorot_uniform, in_axis=-2, out_axis=-1, batch_axis=(0,)
-    )
-    kernel = self.param(
-      "kernel",
-      glorot(),
-      (self.num_node_types, x.shape[-1], self.features),
-      self.param_dtype,
-    )
-    att_shape = (self.num_edge_types, self.heads, channels)
-    att_src = self.param("att_src", glorot(), att_shape, self.param_dtype)
-    att_dst = self.param("att_dst", glorot(), att_shape, self.param_dtype)
-    bias = self.param(
-      "bias", nn.initializers.zeros, (self.features,), self.param_dtype
-    )
-    x, kernel, att_src, att_dst, bias = nn.dtypes.promote_dtype(
-      x, kernel, att_src, att_dst, bias, dtype=self.dtype
-    )
+    x, kernel, att_src, att_dst, bias = self.parameters(x)
     if edge_mask is None:
       edge_mask = jnp.ones(senders.shape, bool)
     keep = None
@@ -260,7 +271,7 @@ def topk_mask(
   )
   first = jax.ops.segment_min(iota, seg_sorted, num_segments)
   rank = jnp.zeros(n, jnp.int32).at[perm].set(iota - first[seg_sorted])
-  return mask & (rank < keep_counts[segment_ids])
+  return mask & (rank < jnp.asarray(keep_counts)[segment_ids])
 
 
 def prune_edges(

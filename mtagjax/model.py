@@ -3,7 +3,9 @@
 `MTAG.__call__(batch, *, train)` takes a `mtagjax.batching.Batch` (a stack of
 shards) and returns `(predictions [S, G, output_dim], aux)`, where `aux` holds
 the per-layer node features, attention and surviving-edge masks (unused
-entries cost nothing under `jit`).
+entries cost nothing under `jit`). With `backend="dense"` it takes a
+`DenseBatch` and runs the MTGAT layers of `mtagjax.dense` on node blocks;
+the parameters, outputs and kept edges are the same.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mtagjax import config as config_lib
+from mtagjax import dense as dense_lib
 from mtagjax import graph as graph_lib
 from mtagjax import layers
-from mtagjax.batching import Batch
+from mtagjax.batching import Batch, DenseBatch
 
 Array = jax.Array
 
@@ -94,6 +98,27 @@ class Projection(nn.Module):
     return x
 
 
+class TokenEmbedding(nn.Module):
+  """Input layer of a token modality: a learned table over ids `[..., 1]`."""
+
+  vocab_size: int
+  features: int
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    # Ids arrive as the batch's float features (exact below 2**24); padded
+    # frames are id 0 and are masked downstream like any padded node.
+    ids = x[..., 0].astype(jnp.int32)
+    return nn.Embed(
+      self.vocab_size,
+      self.features,
+      dtype=self.dtype,
+      embedding_init=nn.initializers.normal(1.0),  # torch nn.Embedding
+      name="embedding",
+    )(ids)
+
+
 class MTAG(nn.Module):
   """Modal-Temporal Attention Graph.
 
@@ -116,6 +141,12 @@ class MTAG(nn.Module):
     head_hidden: width of the two hidden layers of the head.
     output_dim: outputs per graph.
     dtype: compute dtype (None: from inputs and parameters).
+    vocab_sizes: per modality, 0 (feature vectors, projected) or the size
+      of the vocabulary of a token modality (ids, embedded).
+    backend: "segment" (edge lists, takes a `Batch`) or "dense" (node
+      blocks, takes a `DenseBatch`).
+    dense_remat: with the dense backend, recompute each layer in the
+      backward pass (saves its `[B, H, N, N]` intermediates).
 
   References:
     Yang et al., MTAG, NAACL 2021; the official model code (spec sections
@@ -139,6 +170,9 @@ class MTAG(nn.Module):
   head_hidden: int = 16
   output_dim: int = 1
   dtype: Any = None
+  backend: str = "segment"
+  vocab_sizes: Sequence[int] | None = None
+  dense_remat: bool = True
 
   def _pe_table(self) -> Array:
     # Official checkpoints carry their own (float32) buffer; use it when
@@ -148,7 +182,9 @@ class MTAG(nn.Module):
     return jnp.asarray(sinusoid_table(self.max_positions, self.hidden))
 
   @nn.compact
-  def __call__(self, batch: Batch, *, train: bool) -> tuple[Array, dict]:
+  def __call__(
+    self, batch: Batch | DenseBatch, *, train: bool
+  ) -> tuple[Array, dict]:
     """Predicts one output vector per graph.
 
     Args:
@@ -160,8 +196,24 @@ class MTAG(nn.Module):
       `batch.graph.globals["mask"]` marks the real ones); `aux` has
       `nodes` `[L+1, S, N, hidden]`, `attention` `[L, S, E, heads]` and
       `edge_mask` `[L+1, S, E]` (edges alive entering each layer, and after
-      the last pruning).
+      the last pruning). With the dense backend each of the three is a
+      tuple over `batch.groups` of `[L+1, S, B, N, hidden]`,
+      `[L, S, B, heads, N, N]` and `[L+1, S, B, N, N]` (`[receiver,
+      sender]`); `dense_layout.to_edge_list` and the groups' `rows` map them
+      back.
     """
+    is_dense = isinstance(batch, DenseBatch)
+    if self.backend not in ("segment", "dense"):
+      raise ValueError(
+        f"backend {self.backend!r}; expected 'segment' or 'dense'"
+      )
+    if is_dense != (self.backend == "dense"):
+      raise ValueError(
+        f"backend={self.backend!r} needs a "
+        f"{'DenseBatch' if self.backend == 'dense' else 'Batch'}, got a "
+        f"{type(batch).__name__}; build batches with GraphBatcher(config, "
+        f"layout={self.backend!r})"
+      )
     g = batch.graph
     if len(batch.features) != len(self.modalities):
       raise ValueError(
@@ -169,18 +221,26 @@ class MTAG(nn.Module):
         f"{len(self.modalities)}"
       )
     blocks = tuple(f.shape[-2] for f in batch.features)
+    vocab = self.vocab_sizes or (0,) * len(self.modalities)
     x = jnp.concatenate(
       [
-        Projection(
+        TokenEmbedding(v, self.hidden, self.dtype, name=f"embed_{name}")(f)
+        if v
+        else Projection(
           self.hidden, self.projection, self.dtype, name=f"proj_{name}"
         )(f)
-        for name, f in zip(self.modalities, batch.features, strict=True)
+        for name, f, v in zip(
+          self.modalities, batch.features, vocab, strict=True
+        )
       ],
       axis=-2,
     )
     if self.pe != "none":
       x = x + self._pe_table()[g.nodes["position"]]
     x = nn.Dropout(self.pe_dropout)(x, deterministic=not train)
+    if is_dense:
+      pooled, aux = self._dense_layers(x, batch, train)
+      return self._head(pooled), aux
 
     edge_mask = g.edges["mask"]
     nodes, attention, masks = [x], [], [edge_mask]
@@ -211,16 +271,18 @@ class MTAG(nn.Module):
       masks.append(edge_mask)
 
     pooled = _mean_readout(x, g.nodes["mask"], g.nodes["graph"], g.n_node)
-    y = pooled
-    for i, width in enumerate((self.head_hidden, self.head_hidden)):
-      y = nn.relu(TorchDense(width, self.dtype, name=f"head_{i}")(y))
-    y = TorchDense(self.output_dim, self.dtype, name="head_2")(y)
     aux = dict(
       nodes=jnp.stack(nodes),
       attention=jnp.stack(attention),
       edge_mask=jnp.stack(masks),
     )
-    return y, aux
+    return self._head(pooled), aux
+
+  def _head(self, pooled):
+    y = pooled
+    for i, width in enumerate((self.head_hidden, self.head_hidden)):
+      y = nn.relu(TorchDense(width, self.dtype, name=f"head_{i}")(y))
+    return TorchDense(self.output_dim, self.dtype, name="head_2")(y)
 
   def _prune(self, alpha, edge_mask, batch, layer):
     g = batch.graph
@@ -248,6 +310,70 @@ class MTAG(nn.Module):
       receivers=g.receivers,
     )
 
+  def _dense_layers(self, x, batch, train):
+    """MTGAT layers and pruning over node blocks; `(pooled, aux)`."""
+    g, groups = batch.graph, batch.groups
+    # Flat node rows -> blocks, per shard.
+    take = jax.vmap(lambda a, rows: a[rows])
+    xs = [take(x, grp.rows) for grp in groups]
+    params = [
+      dense_lib.DenseMTGATConv(
+        features=self.hidden,
+        heads=self.heads,
+        num_node_types=len(self.modalities),
+        num_edge_types=self.num_edge_types,
+        dropout_rate=self.attention_dropout,
+        negative_slope=self.negative_slope,
+        dtype=self.dtype,
+        name=f"mtgat_{layer}",
+      )(x, params_only=True)
+      for layer in range(self.num_layers)
+    ]
+    params = jax.tree.map(lambda *a: jnp.stack(a), *params)
+    dropout_keys = prune_keys = None
+    if train and self.attention_dropout > 0.0:
+      dropout_keys = jnp.stack(
+        [self.make_rng("dropout") for _ in range(self.num_layers)]
+      )
+    if self.prune_type == "random":
+      # A uniformly random subset of size k, as the segment backend draws
+      # (a different subset: the draws follow the layout).
+      prune_keys = jnp.stack(
+        [
+          self.make_rng("prune")
+          if self.has_rng("prune")
+          else jax.random.fold_in(jax.random.key(0), layer)
+          for layer in range(self.num_layers)
+        ]
+      )
+    elif self.prune_type != "topk":
+      raise ValueError(
+        f"prune_type {self.prune_type!r}; expected 'topk' or 'random'"
+      )
+    counts = jnp.moveaxis(jnp.asarray(batch.keep_counts), -1, 0)  # [L, ...]
+    if self.prune_scope == "batch":
+      keep = [counts.reshape(self.num_layers, -1)[:, 0]]
+    elif self.prune_scope == "graph":
+      keep = [jnp.take_along_axis(counts, grp.graph[None], 2) for grp in groups]
+    else:
+      keep = [jax.vmap(take, (0, None))(counts, grp.rows) for grp in groups]
+    xs, aux = dense_lib.dense_stack(
+      xs,
+      [take(g.nodes["modality"], grp.rows) for grp in groups],
+      [grp.edge_type for grp in groups],
+      [grp.edge_id for grp in groups],
+      params,
+      keep,
+      dropout_keys=dropout_keys,
+      prune_keys=prune_keys,
+      prune=self.prune,
+      prune_scope=self.prune_scope,
+      negative_slope=self.negative_slope,
+      dropout_rate=self.attention_dropout,
+      remat=self.dense_remat,
+    )
+    return _dense_readout(xs, groups, g.n_node.shape[-1]), aux
+
 
 def _mean_readout(x, node_mask, node_graph, n_node):
   """Mean of the real nodes of each graph, per shard: `[S, G, D]`."""
@@ -260,6 +386,21 @@ def _mean_readout(x, node_mask, node_graph, n_node):
     return total / jnp.maximum(count, 1.0)
 
   return jax.vmap(one)(x, node_mask, node_graph)
+
+
+def _dense_readout(xs, groups, num_graphs):
+  """Mean of the real nodes of each graph from the blocks: `[S, G, D]`."""
+  totals, counts, graph = [], [], []
+  for x, grp in zip(xs, groups, strict=True):
+    w = grp.node_mask.astype(x.dtype)[..., None]
+    totals.append((x * w).sum(-2))
+    counts.append(w.sum(-2))
+    graph.append(grp.graph)
+  total = jnp.concatenate(totals, 1)
+  count = jnp.concatenate(counts, 1)
+  ids = jnp.concatenate(graph, 1)
+  seg = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_graphs))
+  return seg(total, ids) / jnp.maximum(seg(count, ids), 1.0)
 
 
 def create_model(config: ml_collections.ConfigDict) -> MTAG:
@@ -275,6 +416,14 @@ def create_model(config: ml_collections.ConfigDict) -> MTAG:
       f"config.modalities; got {tuple(config.feature_dims)} for "
       f"{tuple(config.modalities)}"
     )
+  vocab = config_lib.vocab_sizes(config)
+  for m, (v, dim) in enumerate(zip(vocab, config.feature_dims, strict=True)):
+    if v and dim != 1:
+      raise ValueError(
+        f"modality {config.modalities[m]!r} is a token modality "
+        f"(config.vocab_sizes[{m}]={v}): its frames are [length, 1] ids, so "
+        f"config.feature_dims[{m}] must be 1, not {dim}"
+      )
   if config.pe not in ("padded", "within_modality", "none"):
     raise ValueError(
       f"config.pe={config.pe!r}; expected 'padded', 'within_modality' or 'none'"
@@ -299,4 +448,7 @@ def create_model(config: ml_collections.ConfigDict) -> MTAG:
     head_hidden=config.head_hidden,
     output_dim=config.output_dim,
     dtype=None if config.dtype == "float32" else jnp.dtype(config.dtype),
+    backend=config.get("backend", "segment"),
+    vocab_sizes=vocab if any(vocab) else None,
+    dense_remat=config.get("dense_remat", True),
   )

@@ -1,0 +1,1 @@
+"""Speed and memory measurements; each prints JSON lines. Not tests."""

@@ -1,0 +1,226 @@
+"""MTAG train and eval step time and memory, per MTGAT backend.
+
+One batch of 32 MOSI-sized graphs (fixed seed; text U[5, 50], audio
+U[50, 375], vision U[50, 500] frames; feature sizes 20/300/5) through the
+run.sh model (hidden 64, 4 heads, 6 layers, keep 0.8, batch-scope pruning):
+compile time, median steady-state step time, graphs per second and peak
+memory of the train step (forward, backward, AdamW update) and of the eval
+step; then how many times a 50-batch epoch of varied lengths compiles.
+
+Each backend and mode runs in its own subprocess so that peak RSS
+(`resource.getrusage`, the whole process: batch, parameters, compilation)
+belongs to it alone. One JSON line per measurement:
+
+  python -m benchmarks.mtag_step --backends=dense
+  python -m benchmarks.mtag_step --backends=segment --modes=eval --steps=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+LENGTHS = {"vision": (50, 500), "text": (5, 50), "audio": (50, 375)}
+
+
+def make_samples(rng, num, config):
+  """`num` random samples with MOSI-like lengths (all modalities present)."""
+  from mtagjax.batching import Sample
+
+  out = []
+  for _ in range(num):
+    feats = []
+    for name, dim in zip(config.modalities, config.feature_dims, strict=True):
+      lo, hi = LENGTHS[name]
+      n = int(rng.integers(lo, hi + 1))
+      feats.append(rng.standard_normal((n, dim)).astype(np.float32))
+    out.append(Sample(feats, label=float(rng.uniform(-3, 3))))
+  return out
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _shapes(batch) -> dict:
+  import jax
+
+  from mtagjax.batching import DenseBatch
+
+  g = batch.graph
+  out = dict(
+    graphs=batch.num_graphs,
+    nodes=int(np.asarray(g.nodes["mask"]).sum()),
+    node_budget=int(np.asarray(g.nodes["mask"]).shape[-1]),
+  )
+  if isinstance(batch, DenseBatch):
+    out["edges"] = batch.num_edges
+    out["dense_blocks"] = [
+      list(grp.edge_type.shape[1:3]) for grp in batch.groups
+    ]
+    out["dense_entries"] = int(
+      sum(np.prod(grp.edge_type.shape) for grp in batch.groups)
+    )
+  else:
+    out["edges"] = int(np.asarray(g.edges["mask"]).sum())
+    out["edge_budget"] = int(g.edges["mask"].shape[-1])
+  out["batch_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(batch)))
+  return out
+
+
+def _time(fn, steps):
+  times = []
+  out = None
+  for _ in range(steps):
+    start = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - start)
+  return out, times
+
+
+def worker(args) -> None:
+  """Measures one backend in this process; prints JSON lines."""
+  import jax
+
+  from mtagjax import batching, train
+  from mtagjax import config as config_lib
+  from mtagjax import model as model_lib
+
+  c = config_lib.default_config()
+  c.backend = args.backend
+  c.dense_groups = args.dense_groups
+  c.dense_remat = not args.no_remat
+  model = model_lib.create_model(c)
+  rng = np.random.default_rng(args.seed)
+  samples = make_samples(rng, args.batch_size, c)
+  batcher = batching.GraphBatcher(c, batch_size=args.batch_size)
+  start = time.perf_counter()
+  batch = batcher(samples)
+  host_s = time.perf_counter() - start
+  # Parameters do not depend on the batch: init on a tiny one.
+  tiny = batching.GraphBatcher(c, batch_size=1)(make_samples(rng, 1, c)[:1])
+  tx = train.make_optimizer()
+  state = train.create_train_state(jax.random.key(0), model, tiny, tx)
+  batch = jax.device_put(batch)
+  base = dict(
+    device=str(jax.devices()[0].device_kind),
+    platform=jax.default_backend(),
+    backend=args.backend,
+    batch_host_s=round(host_s, 3),
+    **_shapes(batch),
+  )
+  for mode in args.modes.split(","):
+    if mode == "train":
+      step = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
+    elif mode == "eval":
+      step = jax.jit(functools.partial(train.eval_step, model=model))
+    else:
+      raise ValueError(f"--modes: unknown mode {mode!r}")
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    call = lambda fn=compiled: jax.block_until_ready(fn(state, batch))
+    call()  # first run (allocations, caches)
+    _, times = _time(call, args.steps)
+    median = statistics.median(times)
+    print(
+      json.dumps(
+        dict(
+          base,
+          mode=mode,
+          compile_s=round(compile_s, 2),
+          step_ms=round(1e3 * median, 1),
+          step_ms_all=[round(1e3 * t, 1) for t in times],
+          graphs_per_s=round(base["graphs"] / median, 2),
+          peak_rss_mb=round(_peak_rss_mb(), 1),
+        )
+      ),
+      flush=True,
+    )
+  if args.epoch_batches:
+    _compile_count(args, c, model, state)
+
+
+def _compile_count(args, c, model, state) -> None:
+  """Compilations of the eval forward over an epoch of varied batches."""
+  import jax
+
+  from mtagjax import batching
+
+  rng = np.random.default_rng(args.seed + 1)
+  batcher = batching.GraphBatcher(c, batch_size=args.batch_size)
+  signatures = []
+  host = 0.0
+  for _ in range(args.epoch_batches):
+    # Varied batch sizes too: the last batch of an epoch is smaller.
+    num = int(rng.integers(args.batch_size // 2, args.batch_size + 1))
+    start = time.perf_counter()
+    batch = batcher(make_samples(rng, num, c))
+    host += time.perf_counter() - start
+    signatures.append(
+      tuple((x.shape, x.dtype.str) for x in jax.tree.leaves(batch))
+    )
+  print(
+    json.dumps(
+      dict(
+        backend=args.backend,
+        mode="epoch_compiles",
+        batches=args.epoch_batches,
+        compiles=len(set(signatures)),
+        first_compile_at=[
+          i for i, s in enumerate(signatures) if s not in signatures[:i]
+        ],
+        host_ms_per_batch=round(1e3 * host / args.epoch_batches, 1),
+        dense_budgets=(batcher.dense_budgets if c.backend == "dense" else None),
+      )
+    ),
+    flush=True,
+  )
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--backends", default="dense,segment")
+  p.add_argument("--modes", default="train,eval")
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dense_groups", type=int, default=8)
+  p.add_argument("--no_remat", action="store_true")
+  p.add_argument(
+    "--epoch_batches",
+    type=int,
+    default=50,
+    help="batches of the compile-count epoch (0: skip)",
+  )
+  p.add_argument("--backend", help=argparse.SUPPRESS)  # worker mode
+  args = p.parse_args(argv)
+  if args.backend:
+    worker(args)
+    return
+  # One process per backend and mode, so that each peak RSS is its own.
+  passed = [
+    a
+    for a in (sys.argv[1:] if argv is None else argv)
+    if not a.startswith(("--backends", "--modes", "--epoch_batches"))
+  ]
+  for backend in args.backends.split(","):
+    modes = args.modes.split(",")
+    for i, mode in enumerate(modes):
+      epoch = args.epoch_batches if i == len(modes) - 1 else 0
+      cmd = [sys.executable, "-m", "benchmarks.mtag_step"]
+      cmd += [f"--backend={backend}", f"--modes={mode}"]
+      cmd += [f"--epoch_batches={epoch}", *passed]
+      subprocess.run(cmd, check=True)
+
+
+if __name__ == "__main__":
+  main()

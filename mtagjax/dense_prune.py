@@ -1,0 +1,266 @@
+"""Exact top-k edge pruning over dense blocks, without sorting.
+
+The `dense` backend keeps its edges as `[S, B, N, N]` tables, so pruning is
+a mask again, and must keep exactly the edges `layers.prune_edges` keeps:
+the k best scores per segment (the batch, a graph or a receiving node), ties
+to the lower edge index of the segment layout. Sorting tens of millions of
+entries per layer is slow; instead the k-th largest score is found exactly
+on an order-preserving integer key of the floats, by histograms over 16-bit
+digits (one scatter-add pass per digit) or, per node, by fixing one bit per
+counting pass. The cut among scores equal to it is found by bisection over
+the edge ids, only when some segment needs one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtagjax import layers
+
+Array = jax.Array
+
+
+def order_key(scores: Array) -> Array:
+  """An unsigned integer key whose order is the order of the float scores.
+
+  Non-negative floats compare like their bit patterns; negative ones compare
+  reversed. Flipping every bit of negatives and the sign bit of the rest
+  gives one unsigned order for all (NaN aside). Never 0 for a real score
+  except the most negative NaN pattern, so 0 can mark dead entries.
+  """
+  width = jnp.finfo(scores.dtype).bits
+  utype = jnp.uint64 if width == 64 else jnp.uint32
+  # -0.0 and 0.0 are the same score (a tie), so give them one key.
+  scores = jnp.where(scores == 0, jnp.zeros((), scores.dtype), scores)
+  bits = jax.lax.bitcast_convert_type(scores, utype)
+  sign = utype(1) << utype(width - 1)
+  return jnp.where(bits & sign, ~bits, bits | sign)
+
+
+def _radix_max(nbits: int, utype, start, ok: Callable[[Array], Array]):
+  """The largest value `v` (bits decided MSB first) with `ok(v)` true.
+
+  `ok` must be monotone (true up to some value, false above).
+  """
+
+  def body(i, v):
+    bit = (nbits - 1 - i).astype(utype)
+    cand = v | (jnp.asarray(1, utype) << bit)
+    return jnp.where(ok(cand), cand, v)
+
+  return jax.lax.fori_loop(0, nbits, body, start)
+
+
+class _Segments(NamedTuple):
+  """How the entries of the groups split into ranking segments.
+
+  Attributes:
+    num: number of segments.
+    ids: per group, the segment of each entry (broadcastable), or None.
+    count: per-group booleans -> `[num]` counts.
+    expand: `[num]` per-segment values -> broadcastable per group, as a
+      function of the group's position.
+  """
+
+  num: int
+  ids: Sequence[Array] | None
+  count: Callable[[Sequence[Array]], Array]
+  expand: Callable[[Array, int], Array]
+
+
+_DIGIT = 16  # bits per histogram level
+
+
+def _kth_by_histogram(keys, alive, k, seg: _Segments):
+  """The k-th largest key per segment, 16 bits per level by histograms.
+
+  Each level counts the entries whose higher digits match the prefix found
+  so far in one scatter-add pass (`[num, 65536]` bins), and picks the digit
+  where the count from the top reaches the rank still missing.
+
+  Returns:
+    `(tau, rest, num_equal)`: the key, how many entries equal to it are to
+    be kept, and how many there are.
+  """
+  utype = keys[0].dtype
+  nbits = jnp.iinfo(utype).bits
+  bins = 1 << _DIGIT
+  prefix = jnp.zeros((seg.num,), utype)
+  rest = k
+  for level in range(nbits // _DIGIT):
+    shift = nbits - _DIGIT * (level + 1)
+    hist = jnp.zeros((seg.num * bins,), jnp.int32)
+    for g, (key, live) in enumerate(zip(keys, alive, strict=True)):
+      digit = ((key >> shift) & (bins - 1)).astype(jnp.int32)
+      match = live
+      if level:
+        high = key >> (shift + _DIGIT)
+        match = match & (high == seg.expand(prefix, g))
+      index = digit if seg.ids is None else seg.ids[g] * bins + digit
+      index = jnp.broadcast_to(index, key.shape)
+      hist = hist.at[index.reshape(-1)].add(match.reshape(-1).astype(jnp.int32))
+    hist = hist.reshape(seg.num, bins)
+    at_least = jnp.cumsum(hist[:, ::-1], -1)[:, ::-1]  # count >= digit
+    if not level:
+      rest = jnp.minimum(rest, at_least[:, 0])  # k past the live count
+    digit = jnp.maximum((at_least >= rest[:, None]).sum(-1) - 1, 0)
+    above = jnp.take_along_axis(
+      jnp.pad(at_least, ((0, 0), (0, 1))), digit[:, None] + 1, 1
+    )[:, 0]
+    rest = rest - above
+    prefix = (prefix << _DIGIT) | digit.astype(utype)
+  num_equal = jnp.take_along_axis(hist, digit[:, None], 1)[:, 0]
+  return prefix, rest, num_equal
+
+
+def _kth_by_bisection(keys, alive, k, seg: _Segments):
+  """As `_kth_by_histogram`, one counting pass per key bit (no scatter)."""
+  del alive  # dead keys are 0 and every candidate is >= 1
+  utype = keys[0].dtype
+  nbits = jnp.iinfo(utype).bits
+  exp = seg.expand
+
+  def at_least_k(v):
+    return seg.count([key >= exp(v, g) for g, key in enumerate(keys)]) >= k
+
+  tau = _radix_max(nbits, utype, jnp.zeros(k.shape, utype), at_least_k)
+  rest = k - seg.count([key > exp(tau, g) for g, key in enumerate(keys)])
+  num_equal = seg.count(
+    [(key == exp(tau, g)) & (key > 0) for g, key in enumerate(keys)]
+  )
+  return tau, rest, num_equal
+
+
+def select_top(
+  keys: Sequence[Array],
+  alive: Sequence[Array],
+  edge_ids: Sequence[Array],
+  k: Array,
+  seg: _Segments,
+  *,
+  method: str = "histogram",
+) -> list[Array]:
+  """The `k` largest keys of each segment, ties to the lower edge id.
+
+  Exact selection without a sort: find the k-th largest key (by histograms
+  over 16-bit digits, or by fixing one bit per counting pass), keep every
+  key above it, and among the keys equal to it the `rest` lowest edge ids,
+  found by bisection over the id bits (skipped when no segment needs it).
+
+  Args:
+    keys: per group, unsigned keys (`order_key`), 0 on dead entries.
+    alive: per group, the live entries.
+    edge_ids: per group, int32 edge ids (non-negative where alive).
+    k: `[seg.num]` keep counts.
+    seg: the segments.
+    method: "histogram" or "bisection".
+
+  Returns:
+    Per group, the kept-entry booleans.
+  """
+  k = jnp.asarray(k, jnp.int32).reshape(seg.num)
+  find = _kth_by_histogram if method == "histogram" else _kth_by_bisection
+  tau, rest, num_equal = find(keys, alive, k, seg)
+  exp = seg.expand
+  above = [key > exp(tau, g) for g, key in enumerate(keys)]
+  equal = [
+    (key == exp(tau, g)) & live
+    for g, (key, live) in enumerate(zip(keys, alive, strict=True))
+  ]
+
+  def cut(_):
+    def fewer_than_rest(v):
+      lims = [exp(v.astype(jnp.int32), g) for g in range(len(keys))]
+      return (
+        seg.count(
+          [
+            e & (i < lim)
+            for e, i, lim in zip(equal, edge_ids, lims, strict=True)
+          ]
+        )
+        < rest
+      )
+
+    start = jnp.zeros(k.shape, jnp.uint32)
+    return _radix_max(31, jnp.uint32, start, fewer_than_rest).astype(jnp.int32)
+
+  needs_cut = jnp.any((rest > 0) & (rest < num_equal))
+  last = jax.lax.cond(
+    needs_cut,
+    cut,
+    lambda _: jnp.full(k.shape, jnp.iinfo(jnp.int32).max, jnp.int32),
+    None,
+  )
+  return [
+    a | (e & (i <= exp(last, g)) & exp(rest > 0, g))
+    for g, (a, e, i) in enumerate(zip(above, equal, edge_ids, strict=True))
+  ]
+
+
+def prune_dense(
+  scores: Sequence[Array],
+  alive: Sequence[Array],
+  edge_ids: Sequence[Array],
+  keep_counts: Sequence[Array],
+  *,
+  scope: str = "batch",
+) -> list[Array]:
+  """Dense-layout pruning: the same survivors as `layers.prune_edges`.
+
+  Scopes "batch" and "graph" find the cut by histograms (one scatter-add
+  pass per 16 key bits: two for float32 scores), "node" by bisection (a
+  counting pass per key bit: a histogram per node would not fit).
+
+  Args:
+    scores: per group `[S, B, N, N]` edge scores.
+    alive: per group `[S, B, N, N]` edges alive before this pruning.
+    edge_ids: per group `[S, B, N, N]` int32 segment-layout edge index
+      (shard-major over the batch), the tie order.
+    keep_counts: "batch": one scalar for all groups (in a 1-element list);
+      "graph": per group `[S, B]`; "node": per group `[S, B, N]`.
+    scope: "batch", "graph" or "node".
+
+  Returns:
+    Per group, the new `[S, B, N, N]` alive mask.
+
+  References:
+    Yang et al., MTAG, NAACL 2021, section 3.4; `layers.prune_edges`.
+  """
+  if scope not in layers.PRUNE_SCOPES:
+    raise ValueError(
+      f"prune scope {scope!r}; expected one of {layers.PRUNE_SCOPES}"
+    )
+  keys = []
+  for sc, live in zip(scores, alive, strict=True):
+    key = order_key(sc)
+    keys.append(jnp.where(live, key, jnp.zeros((), key.dtype)))
+  if scope == "batch":
+    seg = _Segments(
+      num=1,
+      ids=None,
+      count=lambda bs: sum(b.sum(dtype=jnp.int32) for b in bs).reshape(1),
+      expand=lambda v, g: v.reshape(()),
+    )
+    return select_top(keys, alive, edge_ids, keep_counts[0], seg)
+  out = []
+  for key, live, ids, k in zip(keys, alive, edge_ids, keep_counts, strict=True):
+    lead = key.shape[:-1] if scope == "node" else key.shape[:-2]
+    axes = (-1,) if scope == "node" else (-2, -1)
+    num = int(np.prod(lead))
+    seg = _Segments(
+      num=num,
+      ids=[jnp.arange(num, dtype=jnp.int32).reshape(*lead, *(1,) * len(axes))],
+      count=lambda bs, axes=axes: bs[0].sum(axes, dtype=jnp.int32).reshape(-1),
+      expand=lambda v, g, lead=lead, axes=axes: v.reshape(
+        *lead, *(1,) * len(axes)
+      ),
+    )
+    method = "bisection" if scope == "node" else "histogram"
+    (kept,) = select_top([key], [live], [ids], k, seg, method=method)
+    out.append(kept)
+  return out
