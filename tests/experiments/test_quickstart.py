@@ -1,23 +1,112 @@
-"""The README's main job runs end to end (tiny sizes)."""
+"""The README's main job runs end to end on generated inputs (tiny sizes).
 
+SpokenReviews is built with the real speech synthesiser from the eight
+generated sentences of `test_vader.MOVIE`, packed as the vaderSentiment
+sdist; Fashion-MNIST is a few random images in the IDX layout.
+"""
+
+import json
+import math
+
+import matplotlib.image
 import numpy as np
+import pytest
 
-from experiments import quickstart
+from experiments import mtag_loop, quickstart
+from tests.d2vjax.test_datasets_images import write_fashion_mnist
+from tests.experiments.test_vader import make_sdist
 
 
-def test_quickstart_runs_and_reports_every_metric(capsys):
-  state, test = quickstart.run(epochs=2, num_train=24, num_eval=16)
-  assert set(test) == {
-    "mae",
-    "corr",
-    "acc2",
-    "acc2_nonzero",
-    "acc7",
-    "f1",
-    "f1_nonzero",
-    "f1_7",
-  }
-  assert np.isfinite(test["mae"])
-  assert int(state.step) > 0
-  out = capsys.readouterr().out
-  assert "epoch 1:" in out and "compiles" in out
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, xla_cache):
+  del xla_cache
+  root = tmp_path_factory.mktemp("quickstart")
+  sdist = make_sdist(root / "vaderSentiment-3.3.2.tar.gz")
+  write_fashion_mnist(root / "fashion")
+  out = root / "out"
+  results = quickstart.run(
+    out,
+    data_dir=str(root / "data"),
+    vader_archive=str(sdist),
+    fashion_mnist_path=str(root / "fashion"),
+    tiny=True,
+  )
+  return out, results
+
+
+def test_reports_finite_metrics_for_both_models(finished, capsys):
+  _, results = finished
+  models = results["spoken_reviews"]
+  assert list(models) == ["MTAG (vision+text+audio)", "text only"]
+  for metrics in models.values():
+    assert set(metrics) == set(quickstart.METRICS)
+    # Corr is undefined (None) when predictions are constant; the rest
+    # must be numbers.
+    for name in ("acc2", "f1", "acc7", "mae"):
+      assert math.isfinite(metrics[name]), (name, metrics)
+  probe = results["fashion_mnist"]
+  for name in ("pretrained", "random"):
+    assert 0.0 <= probe[name] <= 1.0
+  assert (probe["train_images"], probe["test_images"]) == (24, 8)
+
+
+def test_everything_lands_in_the_output_folder(finished):
+  out, results = finished
+  assert results["output_dir"] == str(out.absolute())
+  saved = json.loads((out / "results.json").read_text())
+  assert saved["spoken_reviews"] == results["spoken_reviews"]
+  for key in ("curves", "graph"):
+    path = results["files"][key]
+    assert path.startswith(str(out)) and path.endswith(".png")
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and min(image.shape[:2]) > 100
+  for run in ("mtag", "mtag_text_only"):
+    assert (out / run / "metrics.jsonl").is_file()
+    assert any((out / run / "best").iterdir())
+  assert (out / "d2v" / "metrics.jsonl").is_file()
+  assert any((out / "d2v" / "checkpoints").iterdir())
+
+
+def test_prints_one_table_naming_the_folder(finished):
+  out, results = finished
+  table = results["table"]
+  for text in ("Acc2", "F1", "Acc7", "MAE", "Corr", "text only"):
+    assert text in table
+  assert "data2vec pretrained" in table and "random init" in table
+  assert f"Output folder: {out.absolute()}" in table
+  assert "mtag_attention_graph.png" in table and "results.json" in table
+
+
+def test_pool_frames_averages_windows_and_keeps_a_short_tail():
+  frames = np.arange(14, dtype=np.float16).reshape(7, 2)
+  pooled = mtag_loop.pool_frames(frames, 3)
+  assert pooled.dtype == np.float32
+  np.testing.assert_allclose(pooled, [[2, 3], [8, 9], [12, 13]])
+  np.testing.assert_array_equal(mtag_loop.pool_frames(frames, 1), frames)
+  with pytest.raises(ValueError, match="pooling width 0"):
+    mtag_loop.pool_frames(frames, 0)
+
+
+def test_spoken_reviews_source_names_the_wrong_field(finished):
+  out, _ = finished
+  config = quickstart.mtag_configs(
+    tiny=True,
+    data_dir=str(out.parent / "data"),
+    archive=str(out.parent / "vaderSentiment-3.3.2.tar.gz"),
+    seed=0,
+  )["MTAG (vision+text+audio)"]
+  samples = mtag_loop.load_data(config)
+  assert [len(samples[s]) for s in ("train", "valid", "test")] == [5, 1, 2]
+  vision, text, audio = samples["test"][0].features
+  assert vision.shape[1] == 6 and audio.shape[1] == 40
+  assert text.shape[1] == 1 and np.all(text == np.round(text))
+  # Standardised with the train statistics.
+  train_audio = np.concatenate([s.features[2] for s in samples["train"]])
+  np.testing.assert_allclose(train_audio.mean(0), 0.0, atol=1e-4)
+  config.model.vocab_sizes = (0, 0, 0)
+  with pytest.raises(ValueError, match=r"vocab_sizes\[1\]"):
+    mtag_loop.load_data(config)
+  config.model.vocab_sizes = (0, 64, 0)
+  config.model.feature_dims = (6, 1, 41)
+  with pytest.raises(ValueError, match=r"feature_dims\[2\]=41"):
+    mtag_loop.load_data(config)
