@@ -245,16 +245,7 @@ class MTAG(nn.Module):
     edge_mask = g.edges["mask"]
     nodes, attention, masks = [x], [], [edge_mask]
     for layer in range(self.num_layers):
-      x, alpha = layers.MTGATConv(
-        features=self.hidden,
-        heads=self.heads,
-        num_node_types=len(self.modalities),
-        num_edge_types=self.num_edge_types,
-        dropout_rate=self.attention_dropout,
-        negative_slope=self.negative_slope,
-        dtype=self.dtype,
-        name=f"mtgat_{layer}",
-      )(
+      x, alpha = layers.MTGATConv(**self._conv_kwargs(layer))(
         x,
         node_type=g.nodes["modality"],
         senders=g.senders,
@@ -277,6 +268,19 @@ class MTAG(nn.Module):
       edge_mask=jnp.stack(masks),
     )
     return self._head(pooled), aux
+
+  def _conv_kwargs(self, layer: int) -> dict:
+    """MTGAT layer `layer`'s settings, the same for both backends."""
+    return dict(
+      features=self.hidden,
+      heads=self.heads,
+      num_node_types=len(self.modalities),
+      num_edge_types=self.num_edge_types,
+      dropout_rate=self.attention_dropout,
+      negative_slope=self.negative_slope,
+      dtype=self.dtype,
+      name=f"mtgat_{layer}",
+    )
 
   def _head(self, pooled):
     y = pooled
@@ -317,16 +321,7 @@ class MTAG(nn.Module):
     take = jax.vmap(lambda a, rows: a[rows])
     xs = [take(x, grp.rows) for grp in groups]
     params = [
-      dense_lib.DenseMTGATConv(
-        features=self.hidden,
-        heads=self.heads,
-        num_node_types=len(self.modalities),
-        num_edge_types=self.num_edge_types,
-        dropout_rate=self.attention_dropout,
-        negative_slope=self.negative_slope,
-        dtype=self.dtype,
-        name=f"mtgat_{layer}",
-      )(x, params_only=True)
+      dense_lib.DenseMTGATConv(**self._conv_kwargs(layer))(x, params_only=True)
       for layer in range(self.num_layers)
     ]
     params = jax.tree.map(lambda *a: jnp.stack(a), *params)
