@@ -45,7 +45,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding
 
 from d2vjax import finetune as ft
 from d2vjax import masking, speech
@@ -194,21 +193,6 @@ def frame_padding(
   frames = speech.feature_lengths(attention_mask.sum(axis=1), conv)
   width = speech.feature_lengths(config.data.num_samples, conv)
   return np.arange(width)[None] >= np.asarray(frames)[:, None]
-
-
-def to_global(
-  batch: dict[str, np.ndarray], sharding: NamedSharding
-) -> dict[str, Array]:
-  """Global arrays from a batch that every process built whole.
-
-  Each process places only the rows its devices hold; batches are cheap to
-  rebuild and rows are coupled (time masks cut to a common count, Mixup
-  pairs row i with row B-1-i), so no process builds only its share.
-  """
-  return {
-    k: jax.make_array_from_callback(v.shape, sharding, lambda i, v=v: v[i])
-    for k, v in batch.items()
-  }
 
 
 def batch_at(

@@ -46,7 +46,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from d2vjax import audio, convert, optim, text, vision
 from d2vjax import finetune as ft
 from experiments import checkpoint as ckpt_lib
-from experiments import d2v_loop, writers
+from experiments import d2v_loop, distributed, writers
 from experiments import finetune_data as ft_data
 from experiments import preemption as preemption_lib
 from experiments import progress as progress_lib
@@ -478,7 +478,9 @@ def evaluate(
   for batch in batches:
     device = {k: v for k, v in batch.items() if k != "text"}
     outs.append(
-      jax.device_get(evaluate_fn(params, ft_data.to_global(device, sharding)))
+      jax.device_get(
+        evaluate_fn(params, distributed.from_global(device, sharding))
+      )
     )
   n = ft_data.num_valid(config)
   cat = lambda key: np.concatenate([o[key] for o in outs])[:n]
@@ -673,7 +675,10 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> FinetuneState:
   steps_this_process = 0
   try:
     while step < t.steps:
-      batch = ft_data.to_global(
+      # Every process builds the whole batch (rows are coupled: time masks
+      # cut to a common count, Mixup pairs row i with row B-1-i) and hands
+      # over only its own rows.
+      batch = distributed.from_global(
         ft_data.batch_at(config, encoder, step), data_sharding
       )
       # Two compiled variants at most: the frozen-encoder phase, then the
