@@ -55,6 +55,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from benchmarks import accel
+
 MODALITIES = ("audio", "vision", "text")
 SIZES = ("tiny", "base")
 # Per-device batch that a 2-core CPU gets through in seconds, not minutes.
@@ -169,6 +171,7 @@ def jax_step(config, batch) -> tuple[Callable[[], None], dict]:
     compile_s=round(compile_s, 2),
     first_step_s=round(first, 2),
     loss=round(holder["loss"], 4),
+    flops=accel.step_flops(compiled),
   )
 
 
@@ -276,8 +279,10 @@ def torch_step(config, batch, remat: bool) -> tuple[Callable[[], None], dict]:
 
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
+  # The accelerator when there is one (as JAX uses it), else the CPU.
+  device = "cuda" if torch.cuda.is_available() else "cpu"
   modality = config.modality
-  encoder = _hf_encoder(config).train()
+  encoder = _hf_encoder(config).to(device).train()
   teacher = copy.deepcopy(encoder).eval().requires_grad_(False)
   if remat:
     encoder.gradient_checkpointing_enable(
@@ -290,6 +295,7 @@ def torch_step(config, batch, remat: bool) -> tuple[Callable[[], None], dict]:
     )
   else:
     head = torch.nn.Linear(c, c)
+  head = head.to(device)
   params = [*encoder.parameters(), *head.parameters()]
   opt = torch.optim.AdamW(
     params,
@@ -302,8 +308,11 @@ def torch_step(config, batch, remat: bool) -> tuple[Callable[[], None], dict]:
   top_k = config.model.top_k or TARGET_RECIPES[modality]["top_k"]
   decay = config.ema.start
 
-  mask = torch.from_numpy(np.asarray(batch["mask"]))
-  inputs = torch.from_numpy(np.asarray(batch["inputs"]))
+  def tensor(x):
+    return torch.from_numpy(np.asarray(x)).to(device)
+
+  mask = tensor(batch["mask"])
+  inputs = tensor(batch["inputs"])
   if modality == "audio":
     student_in = dict(input_values=inputs, mask_time_indices=mask)
     teacher_in = dict(input_values=inputs)
@@ -312,14 +321,14 @@ def torch_step(config, batch, remat: bool) -> tuple[Callable[[], None], dict]:
     student_in = dict(pixel_values=pixels, bool_masked_pos=mask)
     teacher_in = dict(pixel_values=pixels)
   else:
-    attention = torch.from_numpy(np.asarray(batch["attention_mask"]))
+    attention = tensor(batch["attention_mask"])
     student_in = dict(input_ids=inputs.long(), attention_mask=attention)
     teacher_in = dict(
-      input_ids=torch.from_numpy(np.asarray(batch["targets_ids"])).long(),
+      input_ids=tensor(batch["targets_ids"]).long(),
       attention_mask=attention,
     )
   if config.model.dtype == "bfloat16":
-    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    autocast = functools.partial(torch.autocast, device, dtype=torch.bfloat16)
   else:
     autocast = contextlib.nullcontext
   holder = {}
@@ -344,6 +353,7 @@ def torch_step(config, batch, remat: bool) -> tuple[Callable[[], None], dict]:
   first = _time(call)
   return call, dict(
     impl="torch",
+    device=(torch.cuda.get_device_name() if device == "cuda" else "cpu"),
     torch=torch.__version__,
     transformers=transformers.__version__,
     threads=torch.get_num_threads(),
@@ -377,6 +387,9 @@ def worker(case: dict) -> None:
   call, facts = jax_step(config, batch)
   calls.append(call)
   rows.append(dict(info, **facts, peak_rss_mb=round(_status_mb("VmHWM"), 1)))
+  device_mb = accel.device_peak_mb()
+  if device_mb is not None:
+    rows[0]["peak_device_mb"] = round(device_mb, 1)
   if case["baseline"]:
     before = _status_mb("VmRSS")
     _reset_peak()
@@ -397,6 +410,16 @@ def worker(case: dict) -> None:
       out.append(_time(fn))
   for row, ts in zip(rows, times, strict=True):
     row.update(_summary(config.train.batch_size, ts), load_avg=_load())
+  flops = rows[0].pop("flops")
+  rows[0].update(
+    accel.utilisation(
+      flops,
+      rows[0]["step_ms"] / 1e3,
+      rows[0]["device"],
+      case["dtype"],
+      case.get("peak_tflops"),
+    )
+  )
   if len(rows) == 2:
     jax_ms, torch_ms = rows[0]["step_ms"], rows[1]["step_ms"]
     rows[1]["jax_step_ms"] = jax_ms
@@ -436,6 +459,13 @@ def main(argv=None) -> None:
     action="store_true",
     help="also time the HF PyTorch models (needs the bench extra)",
   )
+  p.add_argument(
+    "--peak_tflops",
+    type=float,
+    default=0.0,
+    help="the accelerator's peak rate for MFU; 0 = the datasheet table in "
+    "benchmarks/accel.py (no MFU on unknown devices)",
+  )
   p.add_argument("--case", help=argparse.SUPPRESS)  # worker mode
   args = p.parse_args(argv)
   if args.case:
@@ -467,6 +497,7 @@ def main(argv=None) -> None:
             steps=args.steps,
             audio_seconds=args.audio_seconds,
             baseline=args.baseline,
+            peak_tflops=args.peak_tflops or None,
           )
           cmd = [sys.executable, "-m", "benchmarks.d2v_step"]
           proc = subprocess.run([*cmd, "--case", json.dumps(case)])

@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from benchmarks import accel
+
 LENGTHS = {"vision": (50, 500), "text": (5, 50), "audio": (50, 375)}
 
 
@@ -131,20 +133,19 @@ def worker(args) -> None:
     call()  # first run (allocations, caches)
     _, times = _time(call, args.steps)
     median = statistics.median(times)
-    print(
-      json.dumps(
-        dict(
-          base,
-          mode=mode,
-          compile_s=round(compile_s, 2),
-          step_ms=round(1e3 * median, 1),
-          step_ms_all=[round(1e3 * t, 1) for t in times],
-          graphs_per_s=round(base["graphs"] / median, 2),
-          peak_rss_mb=round(_peak_rss_mb(), 1),
-        )
-      ),
-      flush=True,
+    row = dict(
+      base,
+      mode=mode,
+      compile_s=round(compile_s, 2),
+      step_ms=round(1e3 * median, 1),
+      step_ms_all=[round(1e3 * t, 1) for t in times],
+      graphs_per_s=round(base["graphs"] / median, 2),
+      peak_rss_mb=round(_peak_rss_mb(), 1),
     )
+    device_mb = accel.device_peak_mb()
+    if device_mb is not None:
+      row["peak_device_mb"] = round(device_mb, 1)
+    print(json.dumps(row), flush=True)
   if args.epoch_batches:
     _compile_count(args, c, model, state)
 
