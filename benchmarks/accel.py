@@ -1,13 +1,14 @@
-"""Accelerator facts for the benchmark lines: FLOPs, peak memory, MFU.
+"""Accelerator facts for the benchmark lines: model FLOPs, peak memory, MFU.
 
-`step_flops` is what XLA's cost analysis counts for one compiled step
-(every matmul, convolution and elementwise op of forward, backward and
-update), so an MFU from it counts the work the program really does,
-recomputation included. XLA counts the body of a loop once, so this
-undercounts programs that scan over layers (the dense MTGAT stack); the
-data2vec encoders are unrolled. `PEAK_TFLOPS` holds the datasheet dense rates
-of the accelerators the benchmarks have been run on; pass
-`--peak_tflops` to use a measured ceiling instead.
+MFU here is *model* FLOPs utilisation: `d2v_model_flops` counts the
+matmuls and convolutions a data2vec pretrain step needs (teacher forward
+once, student forward and backward as three forwards; recomputation,
+elementwise ops, the regression head and the optimizer are not counted),
+divided by the step time and the accelerator's peak rate. XLA's own cost
+analysis is no substitute: on GPU it does not count the cuBLAS/cuDNN
+calls that hold most of the work, and it counts a loop body once.
+`PEAK_TFLOPS` holds the datasheet dense rates of the accelerators the
+benchmarks have been run on; pass `--peak_tflops` for a measured ceiling.
 """
 
 from __future__ import annotations
@@ -21,17 +22,38 @@ PEAK_TFLOPS = {
 }
 
 
-def step_flops(compiled) -> float | None:
-  """FLOPs of one call of a compiled jax function (XLA's count), or None."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # not every backend implements it
-    return None
-  if isinstance(cost, list | tuple):  # older jax: one dict per computation
-    cost = cost[0] if cost else None
-  if not cost or "flops" not in cost:
-    return None
-  return float(cost["flops"])
+def _encoder_flops(m, tokens: int) -> float:
+  """Forward FLOPs of the transformer layers over one sequence."""
+  d, f = m.hidden, m.mlp_dim
+  per_layer = tokens * (8 * d * d + 4 * d * f) + 4 * tokens * tokens * d
+  return float(m.num_layers * per_layer)
+
+
+def d2v_model_flops(config, batch) -> float:
+  """Model FLOPs of one data2vec pretrain step on `batch` (see above).
+
+  Every position the batch holds is counted, padding included (it is
+  computed); the teacher sees the same positions as the student.
+  """
+  m = config.model
+  size, positions = batch["mask"].shape
+  if config.modality == "vision":
+    tokens = positions + 1  # the CLS token
+    patch = 2 * 3 * m.patch_size**2 * m.hidden * positions
+    forward = patch + _encoder_flops(m, tokens)
+  elif config.modality == "text":
+    forward = _encoder_flops(m, positions)
+  else:
+    length, channels, forward = batch["inputs"].shape[1], 1, 0.0
+    for dim, kernel, stride in m.conv_layers:
+      length = (length - kernel) // stride + 1
+      forward += 2 * channels * dim * kernel * length
+      channels = dim
+    forward += 2 * channels * m.hidden * length  # feature projection
+    pos_in = m.hidden // m.pos_groups
+    forward += m.pos_depth * 2 * length * m.hidden * pos_in * m.pos_kernel_size
+    forward += _encoder_flops(m, length)
+  return 4.0 * size * forward  # teacher 1x, student forward + backward 3x
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:

@@ -171,7 +171,6 @@ def jax_step(config, batch) -> tuple[Callable[[], None], dict]:
     compile_s=round(compile_s, 2),
     first_step_s=round(first, 2),
     loss=round(holder["loss"], 4),
-    flops=accel.step_flops(compiled),
   )
 
 
@@ -410,16 +409,17 @@ def worker(case: dict) -> None:
       out.append(_time(fn))
   for row, ts in zip(rows, times, strict=True):
     row.update(_summary(config.train.batch_size, ts), load_avg=_load())
-  flops = rows[0].pop("flops")
-  rows[0].update(
-    accel.utilisation(
-      flops,
-      rows[0]["step_ms"] / 1e3,
-      rows[0]["device"],
-      case["dtype"],
-      case.get("peak_tflops"),
+  flops = accel.d2v_model_flops(config, batch)
+  for row in rows:
+    row.update(
+      accel.utilisation(
+        flops,
+        row["step_ms"] / 1e3,
+        row["device"],
+        case["dtype"],
+        case.get("peak_tflops"),
+      )
     )
-  )
   if len(rows) == 2:
     jax_ms, torch_ms = rows[0]["step_ms"], rows[1]["step_ms"]
     rows[1]["jax_step_ms"] = jax_ms
