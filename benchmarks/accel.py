@@ -13,6 +13,21 @@ benchmarks have been run on; pass `--peak_tflops` for a measured ceiling.
 
 from __future__ import annotations
 
+# glibc malloc settings for CPU runs. XLA:CPU allocates its temporaries on
+# every execution; glibc serves large blocks from fresh mmaps that the
+# kernel faults in and zeroes page by page, every step (a 15 s speech step:
+# 1.27 M page faults, a third of its time). One arena that never returns
+# memory to the system and never mmaps lets the next step reuse the pages:
+# no faults, at the price of keeping the peak resident. Both frameworks of
+# a benchmark process run under it; `--no_malloc_tuning` turns it off.
+CPU_MALLOC_TUNABLES = ":".join(
+  (
+    "glibc.malloc.arena_max=1",
+    "glibc.malloc.mmap_max=0",
+    "glibc.malloc.trim_threshold=68719476736",
+  )
+)
+
 # Dense (no sparsity) datasheet rates, TFLOP/s. float32 matmuls on these
 # GPUs run on the tensor cores as TF32 under JAX's default precision.
 PEAK_TFLOPS = {

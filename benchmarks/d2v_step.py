@@ -26,11 +26,17 @@ checkpointing and bfloat16 to `torch.autocast`. The baseline line carries
 Each case runs in its own subprocess. JAX compiles and warms up first and
 its peak RSS (`VmHWM`: imports, batch, state, compilation) is read before
 torch is imported; with `--baseline` the torch models are then built and
-warmed up (`rss_growth_mb`: the new peak over the RSS before them) and the
-timed steps alternate, JAX, torch, JAX, ..., so that both see the same
-background load (`ratio_pairs`: the median of the per-pair ratios). The
-benchmark machines are shared, so every JSON line records the load
-average at its start and end.
+warmed up (`rss_growth_mb`: the new peak over the RSS before them), and
+then all JAX steps are timed, then all torch steps. With `--alternate`
+the timed steps alternate, JAX, torch, JAX, ..., so that both see the same
+changing background load (`ratio_pairs`: the median of the per-pair
+ratios), at a cost: each framework's first step after the other's is
+slower (a 15 s speech step: 10.6 s against 8.2 s). Every JSON line records
+the load average at its start and end. Cases run under the glibc malloc
+settings of `accel.CPU_MALLOC_TUNABLES` (recorded as `glibc_tunables`;
+`--no_malloc_tuning` turns them off): they let both frameworks reuse their
+pages from step to step, and they make `rss_growth_mb` meaningless (torch
+reuses memory JAX freed).
 
   python -m benchmarks.d2v_step --sizes=tiny --modalities=vision --steps=2
   python -m benchmarks.d2v_step --sizes=base --modalities=vision,text \
@@ -370,8 +376,8 @@ def worker(case: dict) -> None:
   JAX compiles and warms up first, and its peak RSS is read then, before
   torch is imported. With the baseline, torch builds its models and warms
   up next (its memory is the growth of the peak over the RSS it started
-  from), and then the timed steps alternate, JAX, torch, JAX, torch, ...,
-  so that both see the same background load.
+  from), and then the timed steps run: all JAX steps then all torch steps,
+  or alternating with `alternate`.
   """
   from experiments import d2v_data
 
@@ -382,6 +388,7 @@ def worker(case: dict) -> None:
   info = dict(case, **_shape_info(config, batch))
   info["batch_host_s"] = round(time.perf_counter() - start, 3)
   info["load_avg_start"] = load_start
+  info["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")
   calls, rows = [], []
   call, facts = jax_step(config, batch)
   calls.append(call)
@@ -404,9 +411,13 @@ def worker(case: dict) -> None:
       )
     )
   times = [[] for _ in calls]
-  for _ in range(case["steps"]):
+  if case.get("alternate"):
+    for _ in range(case["steps"]):
+      for fn, out in zip(calls, times, strict=True):
+        out.append(_time(fn))
+  else:
     for fn, out in zip(calls, times, strict=True):
-      out.append(_time(fn))
+      out.extend(_time(fn) for _ in range(case["steps"]))
   for row, ts in zip(rows, times, strict=True):
     row.update(_summary(config.train.batch_size, ts), load_avg=_load())
   flops = accel.d2v_model_flops(config, batch)
@@ -424,7 +435,7 @@ def worker(case: dict) -> None:
     jax_ms, torch_ms = rows[0]["step_ms"], rows[1]["step_ms"]
     rows[1]["jax_step_ms"] = jax_ms
     rows[1]["ratio"] = round(torch_ms / jax_ms, 3)
-    # Per alternating pair: robust to load that changes between pairs.
+    # Per pair of steps: robust to load that changes between pairs.
     rows[1]["ratio_pairs"] = round(
       statistics.median(t / j for j, t in zip(*times, strict=True)), 3
     )
@@ -466,6 +477,18 @@ def main(argv=None) -> None:
     help="the accelerator's peak rate for MFU; 0 = the datasheet table in "
     "benchmarks/accel.py (no MFU on unknown devices)",
   )
+  p.add_argument(
+    "--alternate",
+    action="store_true",
+    help="alternate JAX and torch steps (default: all JAX steps, then all "
+    "torch steps; alternating evens out changing background load but "
+    "slows each framework's first step after the other's)",
+  )
+  p.add_argument(
+    "--no_malloc_tuning",
+    action="store_true",
+    help="do not set GLIBC_TUNABLES (benchmarks/accel.py) for the cases",
+  )
   p.add_argument("--case", help=argparse.SUPPRESS)  # worker mode
   args = p.parse_args(argv)
   if args.case:
@@ -483,7 +506,11 @@ def main(argv=None) -> None:
   sizes = split(args.sizes, SIZES, "--sizes")
   remats = [r == "on" for r in split(args.remat, ("off", "on"), "--remat")]
   dtypes = split(args.dtypes, ("float32", "bfloat16"), "--dtypes")
-  # One process per case, so that each peak RSS is its own.
+  # One process per case, so that each peak RSS is its own; see
+  # `accel.CPU_MALLOC_TUNABLES` for the allocator settings.
+  env = dict(os.environ)
+  if not args.no_malloc_tuning:
+    env.setdefault("GLIBC_TUNABLES", accel.CPU_MALLOC_TUNABLES)
   for modality in modalities:
     for size in sizes:
       for remat in remats:
@@ -498,9 +525,10 @@ def main(argv=None) -> None:
             audio_seconds=args.audio_seconds,
             baseline=args.baseline,
             peak_tflops=args.peak_tflops or None,
+            alternate=args.alternate,
           )
           cmd = [sys.executable, "-m", "benchmarks.d2v_step"]
-          proc = subprocess.run([*cmd, "--case", json.dumps(case)])
+          proc = subprocess.run([*cmd, "--case", json.dumps(case)], env=env)
           if proc.returncode:
             error = f"worker exited with {proc.returncode}"
             print(json.dumps(dict(case, error=error)), flush=True)

@@ -91,6 +91,7 @@ class AudioEncoder(nn.Module):
     *,
     attention_mask: Array | None = None,
     channel_mask: Array | None = None,
+    features: Array | None = None,
   ) -> tuple[Array, dict[str, Array]]:
     """Encodes a batch of waveforms.
 
@@ -104,6 +105,9 @@ class AudioEncoder(nn.Module):
       channel_mask: `[B, hidden]` bool, True = feature channel zeroed at
         every frame after the time mask (wav2vec 2.0 / data2vec fine-tuning
         `mask_channel_prob`); None = none.
+      features: projected CNN features `[B, T, hidden]` (`aux["features"]`
+        of another forward) to start from instead of `waveform`, which is
+        then ignored: the teacher reads the student's features this way.
 
     Returns:
       `(last_hidden_state [B, T, C], aux)`. `aux` holds
@@ -131,6 +135,7 @@ class AudioEncoder(nn.Module):
       attention_mask=attention_mask,
       mask=mask,
       channel_mask=channel_mask,
+      features=features,
       train=train,
     )
     x = nn.LayerNorm(

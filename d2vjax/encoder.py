@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from d2vjax import dropout as dropout_lib
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -201,7 +203,7 @@ class SelfAttention(nn.Module):
         padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits
       )
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    probs = nn.Dropout(self.attention_dropout_rate)(
+    probs = dropout_lib.Dropout(self.attention_dropout_rate)(
       probs, deterministic=not train
     )
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, self.hidden)
@@ -266,8 +268,8 @@ class EncoderBlock(nn.Module):
       dtype=self.dtype,
       name="attention",
     )
-    dropout = nn.Dropout(self.dropout_rate)
-    act_dropout = nn.Dropout(self.activation_dropout_rate)
+    dropout = dropout_lib.Dropout(self.dropout_rate)
+    act_dropout = dropout_lib.Dropout(self.activation_dropout_rate)
     det = not train
 
     def ffn(y):

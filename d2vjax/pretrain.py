@@ -241,6 +241,7 @@ def teacher_targets(
   batch: Mapping[str, Array],
   *,
   text_teacher_sees_only_masked: bool = False,
+  features: Array | None = None,
 ) -> Array:
   """The regression targets `[B, T, C]` (float32, no gradient).
 
@@ -252,9 +253,18 @@ def teacher_targets(
       teacher reads only the masked tokens (original ids there, padding
       elsewhere, positions renumbered); default is the paper: the whole
       original sequence (spec section 4c.4).
+    features: audio only: the student's projected CNN features
+      (`aux["features"]` of its forward), which the teacher reads as fairseq
+      does; None runs the teacher's copy of the (shared, hence identical)
+      front end on the waveform again.
   """
   inputs = batch["inputs"]
   kwargs = _encoder_kwargs(batch)
+  if features is not None:
+    if model.modality != "audio":
+      raise ValueError("features: only the audio teacher reads CNN features")
+    kwargs["features"] = jax.lax.stop_gradient(features)
+    inputs = None
   if model.modality == "text":
     inputs = batch["targets_ids"]
     if text_teacher_sees_only_masked:
@@ -304,16 +314,21 @@ def pretrain_step(
     Baevski et al., data2vec, 2022; spec sections 1.1 and 3.
   """
   mask = batch["mask"]
-  y = teacher_targets(
-    model,
-    state.teacher.teacher,
-    batch,
-    text_teacher_sees_only_masked=text_teacher_sees_only_masked,
-  )
+  # The audio teacher reads the student's CNN features (fairseq), so its
+  # targets are made inside the objective, from the student's forward; the
+  # stop_gradient there keeps them out of the backward pass.
+  teacher_in_objective = model.modality == "audio"
+  if not teacher_in_objective:
+    y = teacher_targets(
+      model,
+      state.teacher.teacher,
+      batch,
+      text_teacher_sees_only_masked=text_teacher_sees_only_masked,
+    )
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
   def objective(params):
-    pred, _ = model.apply(
+    pred, aux = model.apply(
       {"params": params},
       batch["inputs"],
       mask,
@@ -321,10 +336,17 @@ def pretrain_step(
       rngs={"dropout": dropout_rng},
       **_encoder_kwargs(batch),
     )
+    if teacher_in_objective:
+      targets = teacher_targets(
+        model, state.teacher.teacher, batch, features=aux["features"]
+      )
+    else:
+      targets = y
     pred = pred.astype(jnp.float32)
-    return losses.modality_loss(pred, y, mask, model.modality), pred
+    loss = losses.modality_loss(pred, targets, mask, model.modality)
+    return loss, (pred, targets)
 
-  (loss, pred), grads = jax.value_and_grad(objective, has_aux=True)(
+  (loss, (pred, y)), grads = jax.value_and_grad(objective, has_aux=True)(
     state.params
   )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

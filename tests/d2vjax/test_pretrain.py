@@ -142,6 +142,45 @@ def test_targets_are_deterministic_and_carry_no_gradient(modality):
   assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads))
 
 
+def test_audio_teacher_reads_the_student_features():
+  model, tx, teacher, state, batch = _setup("audio")
+  step = jax.jit(
+    functools.partial(pretrain.pretrain_step, model=model, tx=tx, ema=teacher)
+  )
+  for _ in range(2):  # the teacher's layers now lag the student's
+    state, _ = step(state, batch)
+
+  def features(params):
+    _, aux = model.apply({"params": params}, batch["inputs"], None, train=False)
+    return aux["features"]
+
+  teacher_params = state.teacher.teacher
+  rerun = pretrain.teacher_targets(model, teacher_params, batch)
+  shared = pretrain.teacher_targets(
+    model, teacher_params, batch, features=features(state.params)
+  )
+  # The front end is shared, so reading the student's features is the same
+  # as running the teacher's copy of the CNN again.
+  np.testing.assert_allclose(shared, rerun, rtol=1e-5, atol=1e-5)
+  other = pretrain.teacher_targets(
+    model, teacher_params, batch, features=2 * features(state.params)
+  )
+  assert not np.allclose(other, shared)
+
+  def f(params):
+    y = pretrain.teacher_targets(
+      model, teacher_params, batch, features=features(params)
+    )
+    return y.sum()
+
+  grads = jax.grad(f)(state.params)
+  assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads))
+  with pytest.raises(ValueError, match="features"):
+    pretrain.teacher_targets(
+      model, teacher_params, batch, features=features(state.params)[..., :3]
+    )
+
+
 def test_text_teacher_input_switch():
   model, _, _, state, batch = _setup("text")
   full = pretrain.teacher_targets(model, state.teacher.teacher, batch)

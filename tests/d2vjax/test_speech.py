@@ -402,3 +402,40 @@ def test_wav2vec2_layout_round_trip(parametrizations):
     state[base + "weight_g"], state[base + "weight_v"] = g, v
   back = speech_hf.front_end_params_from_hf(state)
   jax.tree.map(np.testing.assert_array_equal, back, p)
+
+
+@pytest.mark.parametrize("kernel,groups", [(4, 2), (5, 4), (19, 16)])
+def test_grouped_conv_gradients_equal_xla_convolution(kernel, groups):
+  # The kernel gradient is custom (per-tap matmuls); value and both
+  # gradients must equal the plain grouped convolution's, in float64.
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(kernel)
+    channels = 2 * groups * 3
+    x = jnp.asarray(rng.standard_normal((2, 23, channels)))
+    w = jnp.asarray(rng.standard_normal((kernel, channels // groups, channels)))
+    pad = kernel // 2
+    weights = jnp.asarray(rng.standard_normal((2, 23 + 2 * pad - kernel + 1)))
+
+    def loss(conv):
+      def f(x, w):
+        y = conv(x, w)
+        return jnp.sum(jnp.sin(y) * weights[..., None])
+
+      return f
+
+    def reference(x, w):
+      return jax.lax.conv_general_dilated(
+        x,
+        w,
+        (1,),
+        [(pad, pad)],
+        dimension_numbers=("NWC", "WIO", "NWC"),
+        feature_group_count=groups,
+      )
+
+    ours = lambda x, w: speech.grouped_conv1d(x, w, groups, pad)
+    np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-12)
+    got = jax.grad(loss(ours), (0, 1))(x, w)
+    want = jax.grad(loss(reference), (0, 1))(x, w)
+    for a, b in zip(got, want, strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
