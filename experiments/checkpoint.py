@@ -146,9 +146,19 @@ class Checkpointer:
     self._barriers = 0
     self._check_config(config, tuple(ignore_fields))
 
+    # The two managers save the same step concurrently; in a multi-process
+    # run their barriers must have distinct names, or one manager's barrier
+    # is met by the other's arrivals and the primary process finalizes a
+    # checkpoint before the others have written their parts.
     self._ckpt = ocp.CheckpointManager(
       self._workdir / CHECKPOINTS_DIRNAME,
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=CHECKPOINTS_DIRNAME
+        ),
+      ),
       item_names=_ITEMS,
     )
     self._best = None
@@ -165,6 +175,9 @@ class Checkpointer:
           best_mode=best_mode,
           keep_checkpoints_without_metrics=False,
           create=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=BEST_DIRNAME
+          ),
         ),
         item_names=_ITEMS,
       )
