@@ -17,6 +17,7 @@ Flat indices wrap at 2**32 elements, far above any activation here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -37,10 +38,7 @@ def _lowbias32(x: Array) -> Array:
 def uniform_bits(key: Array, shape: Sequence[int]) -> Array:
   """Uniform `uint32` words of `shape`, a pure function of `key` and index."""
   seed = jax.random.bits(key, (2,), jnp.uint32)
-  size = 1
-  for n in shape:
-    size *= n
-  index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
   return _lowbias32(_lowbias32(index ^ seed[0]) + seed[1])
 
 
