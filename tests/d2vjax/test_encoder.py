@@ -416,3 +416,20 @@ def test_model_level_init():
     table = np.asarray(p[name]["embedding"])
     np.testing.assert_array_equal(table[text.pad_id], 0)
     np.testing.assert_allclose(table.std(), 0.02, rtol=0.15)
+
+
+def test_gradient_barrier_is_the_identity_both_ways():
+  x = jnp.asarray([1.5, -0.0, 0.0, jnp.nan, jnp.inf, -3.0], jnp.float32)
+  np.testing.assert_array_equal(encoder_lib.gradient_barrier(x), x)
+  for cotangent in (x, x.at[0].set(jnp.nan)):  # both branches of the cond
+    _, vjp = jax.vjp(encoder_lib.gradient_barrier, x)
+    (g,) = jax.jit(vjp)(cotangent)
+    np.testing.assert_array_equal(g, cotangent)
+    np.testing.assert_array_equal(np.signbit(g), np.signbit(cotangent))
+
+
+def test_gradient_barrier_survives_compilation():
+  """The conditional is what keeps XLA from fusing across block inputs."""
+  f = lambda x: jnp.sum(jnp.sin(encoder_lib.gradient_barrier(x)) ** 2)
+  hlo = jax.jit(jax.grad(f)).lower(jnp.ones(8)).compile().as_text()
+  assert "conditional" in hlo
