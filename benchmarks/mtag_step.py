@@ -6,6 +6,8 @@ run.sh model (hidden 64, 4 heads, 6 layers, keep 0.8, batch-scope pruning):
 compile time, median steady-state step time, graphs per second and peak
 memory of the train step (forward, backward, AdamW update) and of the eval
 step; then how many times a 50-batch epoch of varied lengths compiles.
+With `--loop_batches=N`, N train steps on fresh batches, built in the loop
+and then ahead on a background thread (`experiments.prefetch`).
 
 Each backend and mode runs in its own subprocess so that peak RSS
 (`resource.getrusage`, the whole process: batch, parameters, compilation)
@@ -146,8 +148,58 @@ def worker(args) -> None:
     if device_mb is not None:
       row["peak_device_mb"] = round(device_mb, 1)
     print(json.dumps(row), flush=True)
+  if args.loop_batches and "train" in args.modes.split(","):
+    _loop(args, c, model, tx, state)
   if args.epoch_batches:
     _compile_count(args, c, model, state)
+
+
+def _loop(args, c, model, tx, state) -> None:
+  """Train steps with host batch building in the loop vs built ahead.
+
+  `loop_batches` fresh batches of the same size distribution; the batchers'
+  budgets are settled on them first, so every timed step has one shape
+  (compiled once, before timing) and the difference is the host work.
+  """
+  import jax
+
+  from experiments import prefetch
+  from mtagjax import batching, train
+
+  rng = np.random.default_rng(args.seed + 2)
+  sets = [
+    make_samples(rng, args.batch_size, c) for _ in range(args.loop_batches)
+  ]
+  settle = batching.GraphBatcher(c, batch_size=args.batch_size)
+  for samples in sets:
+    settle(samples)
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
+  compiled = step.lower(state, jax.device_put(settle(sets[0]))).compile()
+  for depth in (0, args.prefetch):
+    batcher = batching.GraphBatcher(c, batch_size=args.batch_size)
+    batcher.budgets = settle.budgets
+    if c.backend == "dense":
+      batcher.dense_budgets = settle.dense_budgets
+    jax.block_until_ready(compiled(state, jax.device_put(settle(sets[0]))))
+    s = state
+    start = time.perf_counter()
+    for batch in prefetch.build_ahead(batcher, sets, depth):
+      s, metrics = compiled(s, jax.device_put(batch))
+      jax.block_until_ready(metrics)
+    seconds = time.perf_counter() - start
+    print(
+      json.dumps(
+        dict(
+          backend=args.backend,
+          mode="train_loop",
+          prefetch=depth,
+          batches=len(sets),
+          ms_per_step=round(1e3 * seconds / len(sets), 1),
+          graphs_per_s=round(args.batch_size * len(sets) / seconds, 2),
+        )
+      ),
+      flush=True,
+    )
 
 
 def _compile_count(args, c, model, state) -> None:
@@ -201,6 +253,15 @@ def main(argv=None) -> None:
     type=int,
     default=50,
     help="batches of the compile-count epoch (0: skip)",
+  )
+  p.add_argument(
+    "--loop_batches",
+    type=int,
+    default=0,
+    help="train steps timed with batches built in the loop and ahead",
+  )
+  p.add_argument(
+    "--prefetch", type=int, default=2, help="build-ahead depth for the loop"
   )
   p.add_argument("--backend", help=argparse.SUPPRESS)  # worker mode
   args = p.parse_args(argv)

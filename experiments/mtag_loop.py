@@ -11,6 +11,7 @@ the plateau state and the batch budgets are saved with the state.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from experiments import checkpoint as ckpt_lib
-from experiments import distributed, writers
+from experiments import distributed, prefetch, writers
 from experiments import preemption as preemption_lib
 from experiments import progress as progress_lib
 from mtagjax import batching, datasets, metrics, schedules, synthetic, train
@@ -244,8 +245,11 @@ def _plateau_from_json(data: dict[str, Any]) -> schedules.PlateauState:
 def _evaluate(config, evaluate, state, batcher, samples, sharding):
   preds, labels, loss_sum, count = [], [], 0.0, 0
   batch_size = config.train.batch_size
-  for start in range(0, len(samples), batch_size):
-    batch = batcher(samples[start : start + batch_size])
+  chunks = [
+    samples[start : start + batch_size]
+    for start in range(0, len(samples), batch_size)
+  ]
+  for batch in prefetch.build_ahead(batcher, chunks, config.train.prefetch):
     out = evaluate(state, distributed.from_global(batch, sharding))
     mask = np.asarray(out["mask"])
     preds.append(np.asarray(out["out"])[mask])
@@ -343,38 +347,58 @@ def train_and_evaluate(
     t.epochs * per_epoch, initial_step=int(state.step), desc="mtag"
   )
 
-  def extra_state(epoch, position):
+  def extra_state(epoch, position, train_budgets):
+    budgets = {k: list(b.budgets) for k, b in batchers.items()}
+    # The train batcher may have built batches ahead: save its budgets as
+    # they were after the last batch stepped on, so that a resumed run pads
+    # (and so computes) exactly as this one would have.
+    budgets["train"] = list(train_budgets)
     return {
       "epoch": epoch,
       "position": position,
       "plateau": _plateau_to_json(plateau),
-      "budgets": {k: list(b.budgets) for k, b in batchers.items()},
+      "budgets": budgets,
     }
+
+  def build_train(samples):
+    batch = batchers["train"](samples)
+    return batch, batchers["train"].budgets
 
   steps_this_process = 0
   try:
     while epoch < t.epochs:
       order = epoch_order(t.seed, epoch, len(data["train"]))
       batches = epoch_batches(order, t.batch_size)
-      for index in range(position, len(batches)):
-        samples = [data["train"][i] for i in batches[index]]
-        batch = batchers["train"](samples)
-        state, m = step_fn(state, distributed.from_global(batch, data_sharding))
-        steps_this_process += 1
-        step = int(state.step)
-        if step % t.log_every == 0:
-          writer.write_scalars(step, {f"train/{k}": v for k, v in m.items()})
-        progress.update(step, {"loss": float(m["loss"])})
-        stop = preemption.reached(step) or (
-          t.stop_after_steps and steps_this_process >= t.stop_after_steps
-        )
-        if stop or (t.checkpoint_every and step % t.checkpoint_every == 0):
-          checkpoints.save(
-            step, state, extra=extra_state(epoch, index + 1), force=stop
+      built = prefetch.build_ahead(
+        build_train,
+        ([data["train"][i] for i in b] for b in batches[position:]),
+        t.prefetch,
+      )
+      # Closed on every way out (preemption return included): no build
+      # thread outlives the loop.
+      with contextlib.closing(built):
+        for index, (batch, budgets) in enumerate(built, start=position):
+          state, m = step_fn(
+            state, distributed.from_global(batch, data_sharding)
           )
-        if stop:
-          checkpoints.wait()
-          return state
+          steps_this_process += 1
+          step = int(state.step)
+          if step % t.log_every == 0:
+            writer.write_scalars(step, {f"train/{k}": v for k, v in m.items()})
+          progress.update(step, {"loss": float(m["loss"])})
+          stop = preemption.reached(step) or (
+            t.stop_after_steps and steps_this_process >= t.stop_after_steps
+          )
+          if stop or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            checkpoints.save(
+              step,
+              state,
+              extra=extra_state(epoch, index + 1, budgets),
+              force=stop,
+            )
+          if stop:
+            checkpoints.wait()
+            return state
       valid = _evaluate(
         config,
         evaluate,
@@ -400,7 +424,7 @@ def train_and_evaluate(
       checkpoints.save(
         step,
         state,
-        extra=extra_state(epoch, 0),
+        extra=extra_state(epoch, 0, batchers["train"].budgets),
         metrics={f"eval/valid/{k}": v for k, v in valid.items()},
         force=True,
       )
