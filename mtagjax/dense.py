@@ -102,11 +102,16 @@ def _gather_logits(a_dst: Array, a_src: Array, table: Array) -> Array:
   """
   b, heads, n, types = a_dst.shape
   t = table[:, None]
-  dst = jnp.take_along_axis(a_dst, t, axis=-1)
+  # Every type is in [0, T) by construction: no bounds checks and no
+  # out-of-range fill per entry (~10 % of a MOSI-sized train step on CPU).
+  dst = jnp.take_along_axis(a_dst, t, axis=-1, mode="promise_in_bounds")
   # Sender j's row of the flattened [N * T] table, at column t_ij.
   col = jnp.arange(n, dtype=jnp.int32)[None, None, None, :] * types + t
   src = jnp.take_along_axis(
-    a_src.reshape(b, heads, n * types), col.reshape(b, 1, n * n), axis=-1
+    a_src.reshape(b, heads, n * types),
+    col.reshape(b, 1, n * n),
+    axis=-1,
+    mode="promise_in_bounds",
   )
   return dst + src.reshape(b, heads, n, n)
 
