@@ -138,12 +138,13 @@ class AudioEncoder(nn.Module):
       features=features,
       train=train,
     )
-    x = nn.LayerNorm(
+    norm = nn.LayerNorm(
       epsilon=self.layer_norm_eps,
       dtype=jnp.float32,
       use_fast_variance=False,
       name="encoder_layer_norm",
-    )(x).astype(self.dtype)
+    )
+    x = encoder_lib.layer_norm_rows(norm, x).astype(self.dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     padding_mask = front["padding_mask"]
     x, aux = encoder_lib.TransformerEncoder(

@@ -126,6 +126,17 @@ def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
   )
 
 
+def layer_norm_rows(norm: nn.Module, x: Array) -> Array:
+  """Applies a LayerNorm to `x` `[..., C]` viewed as `[rows, C]`.
+
+  The same numbers as `norm(x)`. The gradient of the scale is then a 2-D
+  column sum; over a `[1, T, C]` batch XLA on CPU reduces the middle axis
+  with a kernel ~8x slower (3.2 ms against 0.4 ms for 512 × 768, 60x for
+  the speech CNN's 48k frames).
+  """
+  return norm(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
 def _drop_path(x: Array, rate: float, rng: Array) -> Array:
   """Per-sample stochastic depth: zero a whole sample's branch, rescale."""
   keep = 1.0 - rate
@@ -316,7 +327,8 @@ class EncoderBlock(nn.Module):
       return dense(self.hidden, kernel_init=residual_init, name="fc2")(y)
 
     def norm(y, name):
-      return _layer_norm(self.layer_norm_eps, name)(y).astype(self.dtype)
+      norm = _layer_norm(self.layer_norm_eps, name)
+      return layer_norm_rows(norm, y).astype(self.dtype)
 
     if self.block == "post_ln":
       h = dropout(attention(x, padding_mask, position_bias, train), det)

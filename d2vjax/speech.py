@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from d2vjax import encoder as encoder_lib
+
 Array = jax.Array
 ConvLayers = Sequence[tuple[int, int, int]]
 
@@ -160,13 +162,8 @@ class _FeatureConvBlock(nn.Module):
     # fairseq's Fp32LayerNorm / Fp32GroupNorm.
     kw = dict(dtype=self.dtype, use_fast_variance=False, name=self.norm)
     if self.norm == "layer_norm":
-      # Normalised as `[B * T, C]` rows: the same numbers, but the gradient
-      # of the scale is then a 2-D column sum. Over `[1, T, C]` XLA on CPU
-      # reduces the middle axis with a kernel ~60x slower (1.4 s instead of
-      # ~20 ms for the first block of a 15 s clip).
-      x = nn.LayerNorm(_CNN_NORM_EPS, **kw)(x.reshape(-1, x.shape[-1])).reshape(
-        x.shape
-      )
+      # As `[B * T, C]` rows (`layer_norm_rows`): 1.4 s less per 15 s clip.
+      x = encoder_lib.layer_norm_rows(nn.LayerNorm(_CNN_NORM_EPS, **kw), x)
     elif self.norm == "group_norm":
       # One group per channel: each channel is normalised over time.
       x = nn.GroupNorm(self.channels, epsilon=_CNN_NORM_EPS, **kw)(x)
@@ -251,12 +248,13 @@ class FeatureProjection(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, Array]:
-    normed = nn.LayerNorm(
+    norm = nn.LayerNorm(
       self.layer_norm_eps,
       dtype=self.dtype,
       use_fast_variance=False,
       name="layer_norm",
-    )(x)
+    )
+    normed = encoder_lib.layer_norm_rows(norm, x)
     # fairseq's `post_extract_proj` is a plain nn.Linear: PyTorch init.
     projected = nn.Dense(
       self.hidden,

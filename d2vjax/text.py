@@ -189,12 +189,13 @@ class TextEncoder(nn.Module):
       )
     elif token_type_ids is not None:
       raise ValueError("token_type_ids given but type_vocab_size is 0")
-    x = nn.LayerNorm(
+    norm = nn.LayerNorm(
       epsilon=self.layer_norm_eps,
       dtype=jnp.float32,
       use_fast_variance=False,
       name="embedding_layer_norm",
-    )(x).astype(self.dtype)
+    )
+    x = encoder_lib.layer_norm_rows(norm, x).astype(self.dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     if attention_mask is None:
       padding_mask = input_ids == self.pad_id

@@ -433,3 +433,24 @@ def test_gradient_barrier_survives_compilation():
   f = lambda x: jnp.sum(jnp.sin(encoder_lib.gradient_barrier(x)) ** 2)
   hlo = jax.jit(jax.grad(f)).lower(jnp.ones(8)).compile().as_text()
   assert "conditional" in hlo
+
+
+def test_layer_norm_rows_equals_the_layer_norm_and_its_gradients():
+  with jax.enable_x64(True):
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8), jnp.float64) * 3 + 1
+    norm = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False)
+    params = norm.init(jax.random.key(1), x)
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size), params)
+    loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+    direct = lambda p, x: norm.apply(p, x)
+    rows = lambda p, x: encoder_lib.layer_norm_rows(
+      functools.partial(norm.apply, p), x
+    )
+    np.testing.assert_allclose(rows(params, x), direct(params, x), rtol=1e-12)
+    g_rows = jax.grad(loss(rows), argnums=(0, 1))(params, x)
+    g_direct = jax.grad(loss(direct), argnums=(0, 1))(params, x)
+    pairs = zip(jax.tree.leaves(g_rows), jax.tree.leaves(g_direct), strict=True)
+    for a, b in pairs:
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
