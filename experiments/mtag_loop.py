@@ -27,8 +27,9 @@ from experiments import progress as progress_lib
 from mtagjax import batching, datasets, metrics, schedules, synthetic, train
 from mtagjax import model as model_lib
 
-# Fields that may change between a run and its resumption.
-RESUMABLE_FIELDS = ("train.epochs", "train.stop_after_steps")
+# Fields that may change between a run and its resumption (the results do
+# not depend on the build-ahead depth).
+RESUMABLE_FIELDS = ("train.epochs", "train.stop_after_steps", "train.prefetch")
 
 
 def pool_frames(frames: np.ndarray, width: int) -> np.ndarray:
@@ -249,7 +250,8 @@ def _evaluate(config, evaluate, state, batcher, samples, sharding):
     samples[start : start + batch_size]
     for start in range(0, len(samples), batch_size)
   ]
-  for batch in prefetch.build_ahead(batcher, chunks, config.train.prefetch):
+  depth = config.train.get("prefetch", 0)
+  for batch in prefetch.build_ahead(batcher, chunks, depth):
     out = evaluate(state, distributed.from_global(batch, sharding))
     mask = np.asarray(out["mask"])
     preds.append(np.asarray(out["out"])[mask])
@@ -372,7 +374,7 @@ def train_and_evaluate(
       built = prefetch.build_ahead(
         build_train,
         ([data["train"][i] for i in b] for b in batches[position:]),
-        t.prefetch,
+        t.get("prefetch", 0),
       )
       # Closed on every way out (preemption return included): no build
       # thread outlives the loop.

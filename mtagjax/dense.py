@@ -158,7 +158,10 @@ def dense_mtgat(
   dead = jnp.zeros((b, heads, n, 1), acc)
   a_src = jnp.einsum("bhnc,thc->bhnt", h, att_src).astype(acc)
   a_dst = jnp.einsum("bhnc,thc->bhnt", h, att_dst).astype(acc)
-  table = jnp.where(alive, edge_type, num_types).astype(jnp.int32)
+  # Dead entries (no edge, pruned, or alive without a type) point at the
+  # dead column, so every index the gathers see is in range.
+  live = alive & (edge_type >= 0) & (edge_type < num_types)
+  table = jnp.where(live, edge_type, num_types).astype(jnp.int32)
   logits = _gather_logits(
     jnp.concatenate([a_dst, dead], -1),
     jnp.concatenate([a_src, dead], -1),

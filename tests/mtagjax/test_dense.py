@@ -395,3 +395,31 @@ def test_random_pruning_keeps_the_same_counts():
     if layer:
       # A random subset: not the attention ranking of the segment backend.
       assert not (kept_d == kept_s).all()
+
+
+def test_alive_without_an_edge_type_counts_as_dead():
+  """`alive` set where `edge_type` is -1 cannot reach past the type table."""
+  rng = np.random.default_rng(0)
+  b, n, d, types = 2, 7, 6, 27
+  edge_type = rng.integers(-1, types, (b, n, n)).astype(np.int32)
+  x = jnp.asarray(rng.standard_normal((b, n, d)), jnp.float32)
+  node_type = jnp.asarray(rng.integers(0, 3, (b, n)), jnp.int32)
+  conv = dense.DenseMTGATConv(
+    features=8, heads=2, num_node_types=3, num_edge_types=types
+  )
+  params = conv.init(
+    jax.random.key(0), x, node_type=node_type, edge_type=jnp.asarray(edge_type)
+  )
+  run = lambda alive: conv.apply(
+    params,
+    x,
+    node_type=node_type,
+    edge_type=jnp.asarray(edge_type),
+    alive=alive,
+  )
+  out, alpha = run(jnp.ones((b, n, n), bool))
+  ref_out, ref_alpha = run(jnp.asarray(edge_type >= 0))
+  np.testing.assert_array_equal(out, ref_out)
+  np.testing.assert_array_equal(alpha, ref_alpha)
+  for g in range(b):  # no weight on entries without an edge
+    assert np.all(np.asarray(alpha)[g][:, edge_type[g] < 0] == 0)
