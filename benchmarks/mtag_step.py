@@ -173,14 +173,15 @@ def _loop(args, c, model, tx, state) -> None:
   settle = batching.GraphBatcher(c, batch_size=args.batch_size)
   for samples in sets:
     settle(samples)
+  first = jax.device_put(settle(sets[0]))
   step = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
-  compiled = step.lower(state, jax.device_put(settle(sets[0]))).compile()
+  compiled = step.lower(state, first).compile()
   for depth in (0, args.prefetch):
     batcher = batching.GraphBatcher(c, batch_size=args.batch_size)
     batcher.budgets = settle.budgets
     if c.backend == "dense":
       batcher.dense_budgets = settle.dense_budgets
-    jax.block_until_ready(compiled(state, jax.device_put(settle(sets[0]))))
+    jax.block_until_ready(compiled(state, first))
     s = state
     start = time.perf_counter()
     for batch in prefetch.build_ahead(batcher, sets, depth):
