@@ -67,12 +67,12 @@ def _shapes(batch) -> dict:
   )
   if isinstance(batch, DenseBatch):
     out["edges"] = batch.num_edges
-    out["dense_blocks"] = [
-      list(grp.edge_type.shape[1:3]) for grp in batch.groups
+    # Per group: graph slots, then the node budget of each modality.
+    out["dense_groups"] = [
+      [int(grp.graph.shape[1]), *(int(r.shape[-1]) for r in grp.rows)]
+      for grp in batch.groups
     ]
-    out["dense_entries"] = int(
-      sum(np.prod(grp.edge_type.shape) for grp in batch.groups)
-    )
+    out["dense_entries"] = batch.num_entries
   else:
     out["edges"] = int(np.asarray(g.edges["mask"]).sum())
     out["edge_budget"] = int(g.edges["mask"].shape[-1])

@@ -185,10 +185,11 @@ class GraphBatcher:
       budgets settle within a few batches, so an epoch compiles a handful
       of times. Use one batcher per split (train, eval).
     layout: "segment" (a `Batch`) or "dense" (a `DenseBatch` for the dense
-      backend); None follows `config.backend`. Dense batches sort each
-      shard's graphs by size into `config.dense_groups` groups of slots,
-      each padded to its own node budget on the `config.dense_node_growth`
-      ladder (sticky as well).
+      backend); None follows `config.backend`. Dense batches assign each
+      shard's graphs to `config.dense_groups` groups of slots (graphs of
+      similar per-modality lengths together), each padded to its own
+      per-modality node budgets on the `config.dense_node_growth` ladder
+      (sticky as well).
 
   Bad input raises `ValueError` naming the sample and modality: a wrong
   feature size or number of modalities, NaN or inf features, positions
@@ -233,12 +234,13 @@ class GraphBatcher:
     self.batch_size = batch_size
     self.num_shards = num_shards
     self.per_shard = -(-batch_size // num_shards)
-    self._dense_nodes: list[int] = []
+    self._dense_nodes: list[list[int]] = []
     if layout == "dense":
       self.num_groups = int(config.get("dense_groups", 4))
       if self.num_groups < 1:
         raise ValueError(f"config.dense_groups={self.num_groups} must be >= 1")
-      self._dense_nodes = [0] * min(self.num_groups, self.per_shard)
+      num_mod = len(config.modalities)
+      self._dense_nodes = [[0] * num_mod] * min(self.num_groups, self.per_shard)
     self.dtype = np.dtype(dtype)
     self.sticky_budgets = sticky_budgets
     self._budgets = ([0] * len(config.modalities), 0)
@@ -328,17 +330,20 @@ class GraphBatcher:
   # -- building --------------------------------------------------------------
 
   @property
-  def dense_budgets(self) -> list[int]:
-    """Node budget `N` of each dense group (layout "dense"); assignable."""
-    return list(self._dense_nodes)
+  def dense_budgets(self) -> list[list[int]]:
+    """Per dense group, the node budget `N_m` of each modality (layout
+    "dense"); assignable."""
+    return [list(b) for b in self._dense_nodes]
 
   @dense_budgets.setter
-  def dense_budgets(self, value: Sequence[int]) -> None:
-    if len(value) != len(self._dense_nodes):
+  def dense_budgets(self, value: Sequence[Sequence[int]]) -> None:
+    shape = (len(self._dense_nodes), len(self.config.modalities))
+    if np.shape(value) != shape:
       raise ValueError(
-        f"dense_budgets needs {len(self._dense_nodes)} sizes, got {len(value)}"
+        f"dense_budgets needs {shape[0]} groups of {shape[1]} per-modality "
+        f"sizes, got shape {np.shape(value)}"
       )
-    self._dense_nodes = [int(v) for v in value]
+    self._dense_nodes = [[int(v) for v in b] for b in value]
 
   def __call__(self, samples: Sequence[Sample]) -> Batch | DenseBatch:
     """Validates, pads and shards `samples` into one `Batch`.
@@ -412,21 +417,26 @@ class GraphBatcher:
   def _densify(self, shards: list[Batch], real_edges: list[int]):
     """Segment-layout shards (real edges only) to one `DenseBatch`."""
     c = self.config
-    slots, order, sizes, needs = dense_layout.group_slots(
-      shards, self.num_groups
+    # Graphs go where the (sticky) budgets already fit them, if they can.
+    floor = self._dense_nodes if self.sticky_budgets else None
+    members, needs = dense_layout.group_slots(
+      shards, self.num_groups, c.intra, floor
     )
     budgets = [
-      bucket_size(max(need, 1), growth=c.dense_node_growth, minimum=8)
+      [
+        bucket_size(max(int(n), 1), growth=c.dense_node_growth, minimum=8)
+        for n in need
+      ]
       for need in needs
     ]
     if self.sticky_budgets:
       budgets = [
-        max(n, old) for n, old in zip(budgets, self._dense_nodes, strict=True)
+        [max(n, o) for n, o in zip(new, old, strict=True)]
+        for new, old in zip(budgets, self._dense_nodes, strict=True)
       ]
     self._dense_nodes = budgets
-    num_types = graph_lib.num_edge_types(len(c.modalities), c.edge_types)
     return dense_layout.build(
-      shards, real_edges, slots, order, sizes, budgets, num_types
+      shards, real_edges, members, np.array(budgets), c.intra
     )
 
   def _shard_parts(self, shard):

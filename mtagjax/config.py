@@ -73,12 +73,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.empty_samples = "error"  # or "drop" (the official code, with a warning)
 
   # MTGAT backend (both compute the same function from the same parameters):
-  # "segment" runs over padded edge lists; "dense" over per-graph node blocks
-  # with an [N, N] edge-type table (fast when graphs are nearly complete, as
-  # the official cross-modal edges make them). Dense batches sort graphs by
-  # size into `dense_groups` groups, each padded to a node budget on a
-  # ladder of ratio `dense_node_growth`; `dense_remat` recomputes each layer
-  # in the backward pass instead of storing its [B, H, N, N] intermediates.
+  # "segment" runs over padded edge lists; "dense" over per-modality node
+  # blocks with one edge table per modality pair (fast when graphs are nearly
+  # complete across modalities, as the official cross-modal edges make
+  # them). Dense batches put graphs of similar lengths into `dense_groups`
+  # groups, each padded to per-modality budgets on a ladder of ratio
+  # `dense_node_growth`; `dense_remat` recomputes each layer in the backward
+  # pass instead of storing its [B, H, N_r, N_s] intermediates.
   c.backend = "segment"
   c.dense_groups = 8
   c.dense_node_growth = 1.125

@@ -1,14 +1,16 @@
-"""The `dense` MTGAT backend: attention over per-graph node blocks.
+"""The `dense` MTGAT backend: attention over per-modality node blocks.
 
 The official graph links every cross-modal node pair, so a MOSI-sized graph
-is nearly complete and an edge list (`mtagjax.layers`, the `segment` backend)
-spends its time gathering and scattering `[E, H, C]` rows. Here each graph
-instead owns a padded block of `N` nodes (its nodes in the sample's local
-order) and an `[N, N]` table of edge types indexed `[receiver, sender]`
-(`-1`: no edge); attention logits and the softmax are elementwise ops over
-`[B, H, N, N]` and the aggregation one batched matmul per layer. Graphs come
-in a few groups, each with its own `N` (`mtagjax.dense_layout`), and the
-layers run as one `lax.scan` (`dense_stack`).
+is nearly complete across modalities and an edge list (`mtagjax.layers`, the
+`segment` backend) spends its time gathering and scattering `[E, H, C]`
+rows. Here each graph's nodes are padded modality by modality, and its edges
+live in one table per (receiver modality, sender modality) block
+(`mtagjax.dense_layout`): dense `[N_r, N_s]` across modalities, a band of
+(self, next, previous) within one. Attention logits are selects among three
+precomputed terms per entry, the softmax runs over each receiver's row of
+blocks, and the aggregation is one batched matmul per cross block. Graphs
+come in a few groups, each with its own budgets, and the layers run as one
+`lax.scan` (`dense_stack`).
 
 Both backends compute the same function with the same parameters: the layer
 subclasses `layers.MTGATConv`, and pruning (`mtagjax.dense_prune`) keeps the
@@ -26,13 +28,14 @@ the same: keep each (edge, head) with probability `1 - rate`, scale by
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtagjax import layers
+from mtagjax import dense_layout, layers
 from mtagjax.dense_prune import prune_dense
 
 Array = jax.Array
@@ -89,111 +92,205 @@ def hash_keep_mask(key: Array, shape: Sequence[int], keep_prob: float) -> Array:
 _DEAD = -1e30
 
 
-def _gather_logits(a_dst: Array, a_src: Array, table: Array) -> Array:
-  """`a_dst[i, t_ij] + a_src[j, t_ij]` for every entry of the type table.
+def _shift(a: Array, offset: int, axis: int) -> Array:
+  """`out[i] = a[i + offset]` along `axis`, zero where out of range."""
+  if offset == 0:
+    return a
+  n = a.shape[axis]
+  pad = [(0, 0)] * a.ndim
+  pad[axis] = (0, offset) if offset > 0 else (-offset, 0)
+  kept = (
+    jax.lax.slice_in_dim(a, offset, n, axis=axis)
+    if offset > 0
+    else jax.lax.slice_in_dim(a, 0, n + offset, axis=axis)
+  )
+  return jnp.pad(kept, pad)
+
+
+def _select(code: Array, terms: Sequence[Array]) -> Array:
+  """`terms[code]` per entry (`code` outside the range: the last term)."""
+  out = terms[-1]
+  for k in range(len(terms) - 2, -1, -1):
+    out = jnp.where(code == k, terms[k], out)
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cross_terms(num: int, dst: Array, src: Array, code: Array) -> Array:
+  """`dst[i, c_ij] + src[j, c_ij]` over a dense block (`c`: the code).
 
   Args:
-    a_dst: `[B, H, N, T]` receiver terms per node and type.
-    a_src: `[B, H, N, T]` sender terms.
-    table: `[B, N, N]` int32 type of each entry, in `[0, T)`.
+    num: number of codes K.
+    dst: `[B, H, N_r, K]` receiver terms per code.
+    src: `[B, H, N_s, K]` sender terms per code.
+    code: `[B, N_r, N_s]` code per entry (outside `[0, K)`: the last).
+  """
+  terms = [dst[..., k, None] + src[:, :, None, :, k] for k in range(num)]
+  return _select(code[:, None], terms)
+
+
+def _cross_terms_fwd(num, dst, src, code):
+  return _cross_terms(num, dst, src, code), code
+
+
+def _cross_terms_bwd(num, code, g):
+  # Per code one row sum (receiver terms) and one column sum (sender terms)
+  # of the cotangent on that code's entries. Written out, each code costs
+  # one select instead of the chain autodiff makes of the nested selects
+  # (about a quarter less time in this backward on CPU).
+  code = code[:, None]
+  parts = []
+  for k in range(num):
+    if k < num - 1:
+      on = code == k
+    else:  # the last term also takes out-of-range codes, as in `_select`
+      on = functools.reduce(
+        jnp.logical_and, [code != j for j in range(k)], jnp.ones((), bool)
+      )
+    parts.append(jnp.where(on, g, jnp.zeros((), g.dtype)))
+  d_dst = jnp.stack([p.sum(-1) for p in parts], -1)
+  d_src = jnp.stack([p.sum(-2) for p in parts], -1)
+  return d_dst, d_src, None
+
+
+_cross_terms.defvjp(_cross_terms_fwd, _cross_terms_bwd)
+
+
+def _block_logits(a_dst, a_src, code, types, band: bool):
+  """Attention logits of one block, before the LeakyReLU.
+
+  `a_dst[i, t] + a_src[j, t]` with `t` the entry's type: each entry picks
+  one of `K` terms by its code (elementwise selects, no gather over the
+  entries; their gradient is a row and a column sum per code).
+
+  Args:
+    a_dst: `[B, H, N_r, T]` receiver terms per node and edge type.
+    a_src: `[B, H, N_s, T]` sender terms.
+    code: `[B, N_r, W]` int8 code of each entry.
+    types: `[B, K]` edge type of each code.
+    band: whether the block is a band (columns: senders at `BAND_OFFSETS`
+      from the receiver, in the receiver's modality).
 
   Returns:
-    `[B, H, N, N]` logits before the LeakyReLU.
+    `[B, H, N_r, W]` logits.
   """
-  b, heads, n, types = a_dst.shape
-  t = table[:, None]
-  # Every type is in [0, T) by construction: no bounds checks and no
-  # out-of-range fill per entry (~10 % of a MOSI-sized train step on CPU).
-  dst = jnp.take_along_axis(a_dst, t, axis=-1, mode="promise_in_bounds")
-  # Sender j's row of the flattened [N * T] table, at column t_ij.
-  col = jnp.arange(n, dtype=jnp.int32)[None, None, None, :] * types + t
-  src = jnp.take_along_axis(
-    a_src.reshape(b, heads, n * types),
-    col.reshape(b, 1, n * n),
-    axis=-1,
-    mode="promise_in_bounds",
-  )
-  return dst + src.reshape(b, heads, n, n)
+  pick = types[:, None, None, :]  # [B, 1, 1, K]
+  dst = jnp.take_along_axis(a_dst, pick, -1, mode="promise_in_bounds")
+  src = jnp.take_along_axis(a_src, pick, -1, mode="promise_in_bounds")
+  code = code[:, None]  # [B, 1, N_r, W]
+  num = types.shape[-1]
+  if band:
+    # [B, H, N_r, 3 columns, K]: the sender term of each band column.
+    src = jnp.stack(
+      [_shift(src, o, axis=2) for o in dense_layout.BAND_OFFSETS], 3
+    )
+    terms = [dst[..., k : k + 1] + src[..., k] for k in range(num)]
+    return _select(code, terms)
+  return _cross_terms(num, dst, src, code[:, 0])
 
 
 def dense_mtgat(
-  x: Array,
-  node_type: Array,
-  edge_type: Array,
-  alive: Array,
+  xs: Sequence[Array],
+  codes: Sequence[Array],
+  types: Sequence[Array],
+  alive: Sequence[Array],
   dropout_key: Array | None,
   *,
+  intra: str,
   kernel: Array,
   att_src: Array,
   att_dst: Array,
   bias: Array,
   negative_slope: float,
   dropout_rate: float,
-) -> tuple[Array, Array]:
-  """One MTGAT layer over dense blocks (pure function; see `DenseMTGATConv`).
+) -> tuple[list[Array], list[Array]]:
+  """One MTGAT layer over modality blocks (pure; see `DenseMTGATConv`).
 
   Args:
-    x: `[B, N, D]` node features.
-    node_type: `[B, N]` node types.
-    edge_type: `[B, N, N]` edge types, indexed `[receiver, sender]`.
-    alive: `[B, N, N]` booleans, the edges still present.
+    xs: per modality `[B, N_m, D]` node features (modality m's nodes have
+      node type m).
+    codes: per block (`DenseGroup.pairs()` order) `[B, N_r, W]` int8 type
+      codes, -1 where no edge.
+    types: per block `[B, K]` edge type of each code.
+    alive: per block `[B, N_r, W]` booleans, the edges still present.
     dropout_key: PRNG key for attention dropout, or None (no dropout).
+    intra: "adjacent" (intra-modal blocks are bands) or "all_to_all".
     kernel, att_src, att_dst, bias: the `MTGATConv` parameters.
     negative_slope: LeakyReLU slope.
     dropout_rate: attention dropout rate.
 
   Returns:
-    `(out [B, N, D], alpha [B, H, N, N])`, alpha pre-dropout and zero where
-    there is no live edge.
+    `(outs, alphas)`: per modality `[B, N_m, features]`, and per block
+    `[B, H, N_r, W]` attention, pre-dropout and zero where no live edge.
   """
-  b, n, _ = x.shape
-  num_types, heads, channels = att_src.shape
-  h = layers._type_transform(
-    x.reshape(b * n, x.shape[-1]), kernel, node_type.reshape(-1), None
-  ).reshape(b, n, heads, channels)
-  h = h.transpose(0, 2, 1, 3)  # [B, H, N, C]: heads lead the matmuls
+  num_mod = len(xs)
+  heads, channels = att_src.shape[1:]
+  hs = [
+    jnp.einsum(
+      "bnd,dhc->bhnc", x, kernel[m].reshape(x.shape[-1], heads, channels)
+    )
+    for m, x in enumerate(xs)
+  ]  # [B, H, N_m, C]: heads lead the matmuls
   # Attention in at least float32 whatever the compute dtype.
-  acc = jnp.promote_types(h.dtype, jnp.float32)
-  # Column `num_types` is where dead entries point (any finite value).
-  dead = jnp.zeros((b, heads, n, 1), acc)
-  a_src = jnp.einsum("bhnc,thc->bhnt", h, att_src).astype(acc)
-  a_dst = jnp.einsum("bhnc,thc->bhnt", h, att_dst).astype(acc)
-  # Dead entries (no edge, pruned, or alive without a type) point at the
-  # dead column, so every index the gathers see is in range.
-  live = alive & (edge_type >= 0) & (edge_type < num_types)
-  table = jnp.where(live, edge_type, num_types).astype(jnp.int32)
-  logits = _gather_logits(
-    jnp.concatenate([a_dst, dead], -1),
-    jnp.concatenate([a_src, dead], -1),
-    table,
-  )
-  logits = jnp.where(
-    table[:, None] < num_types,
-    jax.nn.leaky_relu(logits, negative_slope),
-    _DEAD,
-  )
-  # The shift cancels in the ratio; no gradient through it (as PyG). A row
-  # without live entries has the dead value as maximum: shift it far
-  # above, so that its entries, too, get exactly 0.
-  row_max = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
-  row_max = jnp.where(row_max > 0.1 * _DEAD, row_max, -_DEAD)
-  ex = jnp.exp(logits - row_max)
-  alpha = ex / (ex.sum(-1, keepdims=True) + layers.SOFTMAX_EPS)
-  weights = alpha
-  if dropout_key is not None:
-    keep = hash_keep_mask(dropout_key, alpha.shape, 1.0 - dropout_rate)
-    weights = jnp.where(keep, alpha / (1.0 - dropout_rate), 0.0)
-  out = jnp.einsum("bhij,bhjc->bihc", weights.astype(h.dtype), h)
-  return out.reshape(b, n, heads * channels) + bias, alpha
+  acc = jnp.promote_types(hs[0].dtype, jnp.float32)
+  a_src = [jnp.einsum("bhnc,thc->bhnt", h, att_src).astype(acc) for h in hs]
+  a_dst = [jnp.einsum("bhnc,thc->bhnt", h, att_dst).astype(acc) for h in hs]
+  pairs = [(r, s) for r in range(num_mod) for s in range(num_mod)]
+  band = [r == s and intra == "adjacent" for r, s in pairs]
+  outs, alphas = [], [None] * len(pairs)
+  for r in range(num_mod):
+    mine = [k for k, (rr, _) in enumerate(pairs) if rr == r]
+    logits = {}
+    for k in mine:
+      s = pairs[k][1]
+      raw = _block_logits(a_dst[r], a_src[s], codes[k], types[k], band[k])
+      live = (alive[k] & (codes[k] >= 0))[:, None]
+      logits[k] = jnp.where(live, jax.nn.leaky_relu(raw, negative_slope), _DEAD)
+    # The shift cancels in the ratio; no gradient through it (as PyG). A
+    # row without live entries has the dead value as maximum: shift it far
+    # above, so that its entries, too, get exactly 0.
+    row_max = functools.reduce(
+      jnp.maximum, [v.max(-1) for v in logits.values()]
+    )
+    row_max = jax.lax.stop_gradient(row_max)
+    row_max = jnp.where(row_max > 0.1 * _DEAD, row_max, -_DEAD)[..., None]
+    ex = {k: jnp.exp(v - row_max) for k, v in logits.items()}
+    denom = sum(v.sum(-1, keepdims=True) for v in ex.values())
+    inv = 1.0 / (denom + layers.SOFTMAX_EPS)
+    out = None
+    for k in mine:
+      alpha = ex[k] * inv
+      alphas[k] = alpha
+      weights = alpha
+      if dropout_key is not None:
+        keep = hash_keep_mask(
+          jax.random.fold_in(dropout_key, k), alpha.shape, 1.0 - dropout_rate
+        )
+        weights = jnp.where(keep, alpha / (1.0 - dropout_rate), 0.0)
+      weights = weights.astype(hs[r].dtype)
+      s = pairs[k][1]
+      if band[k]:
+        part = sum(
+          weights[..., c, None] * _shift(hs[r], o, axis=2)
+          for c, o in enumerate(dense_layout.BAND_OFFSETS)
+        )
+      else:
+        part = jnp.einsum("bhij,bhjc->bhic", weights, hs[s])
+      out = part if out is None else out + part
+    b, _, n, _ = out.shape
+    outs.append(
+      out.transpose(0, 2, 1, 3).reshape(b, n, heads * channels) + bias
+    )
+  return outs, alphas
 
 
 class DenseMTGATConv(layers.MTGATConv):
-  """`layers.MTGATConv` over dense node blocks; the same parameters.
+  """`layers.MTGATConv` over modality blocks; the same parameters.
 
   Attributes:
     remat: recompute the layer in the backward pass instead of keeping its
-      `[B, H, N, N]` intermediates (they would take gigabytes per layer on
-      a MOSI-sized batch).
+      `[B, H, N_r, W]` intermediates (they would take gigabytes per layer
+      on a MOSI-sized batch).
 
   References:
     Yang et al., MTAG, NAACL 2021, section 3.3; see `layers.MTGATConv`.
@@ -204,40 +301,56 @@ class DenseMTGATConv(layers.MTGATConv):
   @nn.compact
   def __call__(
     self,
-    x: Array,
+    xs: Sequence[Array],
     *,
-    node_type: Array | None = None,
-    edge_type: Array | None = None,
-    alive: Array | None = None,
+    codes: Sequence[Array] | None = None,
+    types: Sequence[Array] | None = None,
+    alive: Sequence[Array] | None = None,
+    intra: str = "adjacent",
     train: bool = False,
     params_only: bool = False,
   ) -> tuple[Array, ...]:
-    """Applies the layer to one group of blocks.
+    """Applies the layer to one group of graphs (`DenseGroup` blocks).
 
     Args:
-      x: `[..., B, N, D]` node features (leading axes: shards).
-      node_type: `[..., B, N]` node types.
-      edge_type: `[..., B, N, N]` int edge types, `-1` where no edge.
-      alive: `[..., B, N, N]` booleans, the edges still present (None: all
-        edges of `edge_type`).
+      xs: per modality `[..., B, N_m, D]` node features (leading axes:
+        shards); modality m's nodes use node type m.
+      codes: per block `[..., B, N_r, W]` int8 codes, -1 where no edge.
+      types: per block `[..., B, K]` edge type of each code.
+      alive: per block `[..., B, N_r, W]` booleans, the edges still present
+        (None: all edges of `codes`).
+      intra: as `DenseGroup.intra`.
       train: whether to apply attention dropout (needs a 'dropout' rng).
       params_only: return the parameters `(kernel, att_src, att_dst,
         bias)` in the compute dtype instead (for `dense_stack`, which runs
         the layers in a scan).
 
     Returns:
-      `(out [..., B, N, features], alpha [..., B, heads, N, N])`.
+      `(outs, alphas)`: per modality `[..., B, N_m, features]`, per block
+      `[..., B, heads, N_r, W]`.
     """
-    x, kernel, att_src, att_dst, bias = self.parameters(x)
+    x0, kernel, att_src, att_dst, bias = self.parameters(xs[0])
     if params_only:
       return kernel, att_src, att_dst, bias
+    if len(xs) != self.num_node_types:
+      raise ValueError(
+        f"{len(xs)} modalities of node features for {self.num_node_types} "
+        "node types; the dense layer takes one array per modality"
+      )
+    if len(codes) != len(xs) ** 2 or len(types) != len(codes):
+      raise ValueError(
+        f"codes and types need one block per (receiver, sender) modality "
+        f"pair ({len(xs) ** 2}); got {len(codes)} and {len(types)}"
+      )
     if alive is None:
-      alive = edge_type >= 0
+      alive = [c >= 0 for c in codes]
     key = None
     if train and self.dropout_rate > 0.0:
       key = self.make_rng("dropout")
+    xs = [x.astype(x0.dtype) for x in xs]
     fn = functools.partial(
       dense_mtgat,
+      intra=intra,
       kernel=kernel,
       att_src=att_src,
       att_dst=att_dst,
@@ -245,34 +358,67 @@ class DenseMTGATConv(layers.MTGATConv):
       negative_slope=self.negative_slope,
       dropout_rate=self.dropout_rate,
     )
-    lead = x.shape[:-2]  # shard axes, then the group's graphs
-    args = (
-      x.reshape(-1, *x.shape[-2:]),
-      node_type.reshape(-1, node_type.shape[-1]),
-      edge_type.reshape(-1, *edge_type.shape[-2:]),
-      alive.reshape(-1, *alive.shape[-2:]),
-      key,
-    )
+    lead = xs[0].shape[:-2]  # shard axes, then the group's graphs
+
+    def flat(a, keep):
+      return a.reshape(-1, *a.shape[a.ndim - keep :])
+
     if self.remat:
       fn = jax.checkpoint(fn)
-    out, alpha = fn(*args)
+    outs, alphas = fn(
+      [flat(x, 2) for x in xs],
+      [flat(c, 2) for c in codes],
+      [flat(t, 1) for t in types],
+      [flat(a, 2) for a in alive],
+      key,
+    )
     return (
-      out.reshape(*lead, *out.shape[-2:]),
-      alpha.reshape(*lead, *alpha.shape[-3:]),
+      [o.reshape(*lead, *o.shape[1:]) for o in outs],
+      [a.reshape(*lead, *a.shape[1:]) for a in alphas],
     )
 
 
 # -- the layer stack -----------------------------------------------------------
 
 
+def prune_families(blocks: Sequence[Sequence], scope: str) -> list[list]:
+  """Per group, per block values -> the families `prune_dense` ranks in.
+
+  "batch": every block in one family; "graph": one family per group; "node":
+  one per (group, receiver modality), the blocks holding that modality's
+  incoming edges.
+  """
+  if scope == "batch":
+    return [dense_layout.flat_blocks(blocks)]
+  if scope == "graph":
+    return [list(group) for group in blocks]
+  families = []
+  for group in blocks:
+    num_mod = math.isqrt(len(group))
+    for r in range(num_mod):
+      families.append(list(group[r * num_mod : (r + 1) * num_mod]))
+  return families
+
+
+def _unfamily(families: Sequence[Sequence], blocks: Sequence[Sequence]):
+  """Inverse of `prune_families` (same block order): per group lists."""
+  flat = dense_layout.flat_blocks(families)
+  out, start = [], 0
+  for group in blocks:
+    out.append(list(flat[start : start + len(group)]))
+    start += len(group)
+  return out
+
+
 def dense_stack(
-  xs: Sequence[Array],
-  node_types: Sequence[Array],
-  edge_types: Sequence[Array],
-  edge_ids: Sequence[Array],
+  xs: Sequence[Sequence[Array]],
+  codes: Sequence[Sequence[Array]],
+  types: Sequence[Sequence[Array]],
+  edge_ids: Sequence[Sequence[Array]],
   params: tuple[Array, ...],
   keep_counts: Sequence[Array],
   *,
+  intra: str,
   dropout_keys: Array | None,
   prune_keys: Array | None,
   prune: bool,
@@ -280,20 +426,20 @@ def dense_stack(
   negative_slope: float,
   dropout_rate: float,
   remat: bool = True,
-) -> tuple[list[Array], dict]:
+) -> tuple[list[list[Array]], dict]:
   """All MTGAT layers and prunings, as one `lax.scan` over the layers.
 
-  A scan lets XLA reuse one layer's `[B, H, N, N]` buffers for the next,
-  and with `remat` the backward pass keeps only each layer's inputs (node
-  features and alive masks) and recomputes the rest.
+  A scan lets XLA reuse one layer's block buffers for the next, and with
+  `remat` the backward pass keeps only each layer's inputs (node features
+  and alive masks) and recomputes the rest.
 
   Args:
-    xs: per group `[S, B, N, D]` input node features.
-    node_types: per group `[S, B, N]`.
-    edge_types: per group `[S, B, N, N]` (`-1`: no edge).
-    edge_ids: per group `[S, B, N, N]` segment-layout edge ids.
+    xs: per group, per modality `[S, B, N_m, D]` input node features.
+    codes, types, edge_ids: per group, per block, as in `DenseGroup`.
     params: `(kernel, att_src, att_dst, bias)`, each stacked `[L, ...]`.
-    keep_counts: per layer (leading `[L]`), as `prune_dense` takes them.
+    keep_counts: per pruning family (`prune_families`), leading `[L]`:
+      "batch": `[L]`; "graph": `[L, S, B]`; "node": `[L, S, B, N_r]`.
+    intra: as `DenseGroup.intra`.
     dropout_keys: `[L]` keys (None: no dropout).
     prune_keys: `[L]` keys for random pruning (None: prune by attention).
     prune: whether to prune after each layer.
@@ -303,28 +449,29 @@ def dense_stack(
     remat: recompute each layer in the backward pass.
 
   Returns:
-    `(xs, aux)`: the final per-group node features and `aux` with, per
-    group, `nodes` `[L+1, S, B, N, D]`, `attention` `[L, S, B, H, N, N]` and
-    `edge_mask` `[L+1, S, B, N, N]`.
+    `(xs, aux)`: the final per-group, per-modality node features and `aux`
+    with, per group, per modality `nodes` `[L+1, S, B, N_m, D]`, and per
+    block `attention` `[L, S, B, H, N_r, W]` and `edge_mask`
+    `[L+1, S, B, N_r, W]`.
   """
-  num_groups = len(xs)
-  alive0 = [t >= 0 for t in edge_types]
+  alive0 = [[c >= 0 for c in group] for group in codes]
   flat = lambda a: a.reshape(-1, *a.shape[2:])  # shards x graphs -> [B]
+  unflat = lambda a, like: a.reshape(*like.shape[:2], *a.shape[1:])
 
   def body(carry, inputs):
     xs, alive = carry
     layer_params, keep, dkey, pkey = inputs
     kernel, att_src, att_dst, bias = layer_params
     outs, alphas = [], []
-    for g in range(num_groups):
-      lead = xs[g].shape[:2]
+    for g in range(len(xs)):
       key = None if dkey is None else jax.random.fold_in(dkey, g)
       out, alpha = dense_mtgat(
-        flat(xs[g]),
-        flat(node_types[g]),
-        flat(edge_types[g]),
-        flat(alive[g]),
+        [flat(x) for x in xs[g]],
+        [flat(c) for c in codes[g]],
+        [flat(t) for t in types[g]],
+        [flat(a) for a in alive[g]],
         key,
+        intra=intra,
         kernel=kernel,
         att_src=att_src,
         att_dst=att_dst,
@@ -332,34 +479,49 @@ def dense_stack(
         negative_slope=negative_slope,
         dropout_rate=dropout_rate,
       )
-      outs.append(out.reshape(*lead, *out.shape[1:]))
-      alphas.append(alpha.reshape(*lead, *alpha.shape[1:]))
+      outs.append([unflat(o, x) for o, x in zip(out, xs[g], strict=True)])
+      alphas.append(
+        [unflat(a, c) for a, c in zip(alpha, codes[g], strict=True)]
+      )
     new_alive = alive
     if prune:
       if pkey is None:
-        scores = [a.mean(-3) for a in alphas]
+        scores = [[a.mean(-3) for a in group] for group in alphas]
       else:
-        scores = [
-          jax.random.uniform(jax.random.fold_in(pkey, g), a.shape)
-          for g, a in enumerate(alive)
-        ]
-      new_alive = prune_dense(scores, alive, edge_ids, keep, scope=prune_scope)
+        scores, k = [], 0
+        for group in alive:
+          scores.append([])
+          for a in group:
+            key = jax.random.fold_in(pkey, k)
+            scores[-1].append(jax.random.uniform(key, a.shape))
+            k += 1
+      kept = prune_dense(
+        prune_families(scores, prune_scope),
+        prune_families(alive, prune_scope),
+        prune_families(edge_ids, prune_scope),
+        keep,
+        scope=prune_scope,
+      )
+      new_alive = _unfamily(kept, alive)
     return (outs, new_alive), (outs, alphas, new_alive)
 
   if remat:
     body = jax.checkpoint(body)
   (final, _), (nodes, attention, masks) = jax.lax.scan(
     body,
-    (list(xs), alive0),
+    ([list(x) for x in xs], alive0),
     (params, list(keep_counts), dropout_keys, prune_keys),
   )
+  cat = lambda first, rest: jnp.concatenate([first[None], rest])
   aux = dict(
     nodes=tuple(
-      jnp.concatenate([x[None], n]) for x, n in zip(xs, nodes, strict=True)
+      tuple(cat(x, n) for x, n in zip(xg, ng, strict=True))
+      for xg, ng in zip(xs, nodes, strict=True)
     ),
-    attention=tuple(attention),
+    attention=tuple(tuple(group) for group in attention),
     edge_mask=tuple(
-      jnp.concatenate([a[None], m]) for a, m in zip(alive0, masks, strict=True)
+      tuple(cat(a, m) for a, m in zip(ag, mg, strict=True))
+      for ag, mg in zip(alive0, masks, strict=True)
     ),
   )
   return final, aux

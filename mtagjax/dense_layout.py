@@ -1,12 +1,26 @@
-"""The node-block layout of the `dense` backend (host numpy).
+"""The block layout of the `dense` backend (host numpy).
 
 `mtagjax.batching.GraphBatcher(config, layout="dense")` builds the segment
 layout's shards first (real edges only) and turns them into a `DenseBatch`
-here: each shard's graphs are sorted by size into groups of slots, every
-graph of a group padded to the group's node budget `N`, with an `[N, N]`
-table of edge types indexed `[receiver, sender]` and the index each edge has
-in the segment layout (the tie order of pruning, and the map back to edge
-lists: `to_edge_list`).
+here. Each shard's graphs are assigned to groups of slots; inside a group
+every graph is padded, modality by modality, to the group's per-modality
+node budgets `N_m`, and its edges are stored per (receiver modality r,
+sender modality s) block:
+
+- cross-modal blocks (r != s) are dense `[N_r, N_s]` tables indexed
+  `[receiver, sender]`: the official graph links every cross-modal pair;
+- intra-modal blocks (r == s) are bands `[N_r, 3]` with columns (self,
+  next, previous), the only intra edges with `intra="adjacent"` (the
+  official setting), or dense `[N_r, N_r]` with `intra="all_to_all"`.
+
+Intra-modal pairs without an edge, about half of a graph's node pairs on
+MOSI-sized samples, are thus never stored or computed. Each entry holds a
+*code*, the index of its edge type in the block's per-graph list of at most
+`TYPES_PER_BLOCK` types (a cross block of one graph only has the current,
+past and future types of one direction), so the layer picks among three
+precomputed terms instead of gathering from all edge types. Every entry
+also keeps the index its edge has in the segment layout (the tie order of
+pruning, and the map back to edge lists: `to_edge_list`).
 """
 
 from __future__ import annotations
@@ -14,37 +28,89 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import flax.struct
 import jax
 import jraph
 import numpy as np
 
+# Distinct edge types one block of one graph can hold: the graph builder's
+# current / past / future relations.
+TYPES_PER_BLOCK = 3
+# The band columns of intra-modal blocks: sender offset from the receiver.
+BAND_OFFSETS = (0, 1, -1)
+INTRA_MODES = ("adjacent", "all_to_all")
 
-class DenseGroup(NamedTuple):
-  """Graphs of similar size, each padded to one node block of `N` rows.
 
-  Every leaf has leading axes `[S, B]` (shards, graph slots of the group).
-  Inside a block, a graph's nodes are in the sample's local order (modality
-  after modality, time order within each), the order `graph.build_edges`
-  numbers them in; padding rows come last.
+@flax.struct.dataclass
+class DenseGroup:
+  """Graphs padded to one set of per-modality node budgets.
+
+  Every array has leading axes `[S, B]` (shards, graph slots of the group).
+  Modality m's nodes of a graph are in time order at positions `0..n_m-1`
+  of its `N_m` rows; padding rows follow. Blocks come in the order of
+  `pairs()`: receiver modality major, then sender modality.
 
   Attributes:
-    rows: `[S, B, N]` row of each block node in the flat node arrays of
-      `DenseBatch.graph.nodes` and `features` (0 on padding).
-    node_mask: `[S, B, N]` real nodes.
+    rows: per modality `[S, B, N_m]` row of each node in the flat node
+      arrays of `DenseBatch.graph.nodes` and `features` (0 on padding).
+    node_mask: per modality `[S, B, N_m]` real nodes.
     graph: `[S, B]` graph index of each slot (the padding graph for empty
       slots).
-    edge_type: `[S, B, N, N]` int8 (int16 past 127 types) type of the edge
-      receiver <- sender, indexed `[receiver, sender]`; -1 where none.
-    edge_id: `[S, B, N, N]` int32 index of that edge in the segment layout,
-      counted over all shards (shard-major); -1 where none. It is the tie
-      order of pruning and maps dense values back to edge lists.
+    code: per block `[S, B, N_r, W]` int8 index of each entry's edge type
+      in `types` (-1: no edge). `W` is `N_s` for dense blocks and 3 for
+      bands (columns: sender at offsets `BAND_OFFSETS`).
+    types: per block `[S, B, TYPES_PER_BLOCK]` int32 edge type of each code
+      (0 for unused codes).
+    edge_id: per block `[S, B, N_r, W]` int32 index of the entry's edge in
+      the segment layout, counted over all shards (shard-major); -1 where
+      none. It is the tie order of pruning and maps dense values back to
+      edge lists.
+    intra: "adjacent" (intra-modal blocks are bands) or "all_to_all" (they
+      are dense); static.
   """
 
-  rows: np.ndarray
-  node_mask: np.ndarray
+  rows: tuple[np.ndarray, ...]
+  node_mask: tuple[np.ndarray, ...]
   graph: np.ndarray
-  edge_type: np.ndarray
-  edge_id: np.ndarray
+  code: tuple[np.ndarray, ...]
+  types: tuple[np.ndarray, ...]
+  edge_id: tuple[np.ndarray, ...]
+  intra: str = flax.struct.field(pytree_node=False, default="adjacent")
+
+  @property
+  def num_modalities(self) -> int:
+    return len(self.rows)
+
+  def pairs(self) -> list[tuple[int, int]]:
+    """`(receiver, sender)` modality of each block, in block order."""
+    m = self.num_modalities
+    return [(r, s) for r in range(m) for s in range(m)]
+
+  def is_band(self, r: int, s: int) -> bool:
+    """Whether block `(r, s)` is a band (intra-modal, `intra="adjacent"`)."""
+    return r == s and self.intra == "adjacent"
+
+  def edge_types(self) -> list[np.ndarray]:
+    """Per block, the edge type of each entry (-1: none); host numpy."""
+    out = []
+    for code, types in zip(self.code, self.types, strict=True):
+      code, types = np.asarray(code), np.asarray(types)
+      lead = np.indices(code.shape[:2])
+      full = types[lead[0][..., None, None], lead[1][..., None, None], code]
+      out.append(np.where(code >= 0, full, -1))
+    return out
+
+  def senders(self) -> list[np.ndarray]:
+    """Per block, the sender's position in its modality (host numpy)."""
+    out = []
+    for (r, s), code in zip(self.pairs(), self.code, strict=True):
+      n_r, w = np.shape(code)[-2:]
+      i = np.arange(n_r)[:, None]
+      if self.is_band(r, s):
+        out.append(np.broadcast_to(i + np.array(BAND_OFFSETS), (n_r, w)))
+      else:
+        out.append(np.broadcast_to(np.arange(w)[None], (n_r, w)))
+    return out
 
 
 class DenseBatch(NamedTuple):
@@ -57,7 +123,7 @@ class DenseBatch(NamedTuple):
     features: per modality `[S, F_m, dim_m]`, as in `Batch`.
     labels: `[S, G, *label_shape]`, as in `Batch`.
     keep_counts: as in `Batch` (node scope: indexed by flat node row).
-    groups: the node blocks, largest graphs first.
+    groups: the groups of graphs.
   """
 
   graph: jraph.GraphsTuple
@@ -76,122 +142,304 @@ class DenseBatch(NamedTuple):
     """Real edges in the batch (all shards)."""
     return int(np.asarray(self.graph.n_edge).sum())
 
+  @property
+  def num_entries(self) -> int:
+    """Block entries per head and layer, padding included (all groups)."""
+    return int(sum(np.prod(np.shape(c)) for g in self.groups for c in g.code))
 
-def group_slots(shards, num_groups: int):
-  """Sorts each shard's graphs by size into `num_groups` groups of slots.
+
+def block_entries(budgets: np.ndarray, intra: str) -> np.ndarray:
+  """Entries one graph of each budget row `[..., M]` stores."""
+  budgets = np.asarray(budgets, np.int64)
+  total = budgets.sum(-1)
+  squares = (budgets**2).sum(-1)
+  intra_cost = 3 * total if intra == "adjacent" else squares
+  return total**2 - squares + intra_cost
+
+
+def _max_without(lengths: np.ndarray) -> np.ndarray:
+  """`[n, M]` -> `[n, M]` max over the other rows, per column (0 if none)."""
+  n = lengths.shape[0]
+  if n == 1:
+    return np.zeros_like(lengths)
+  order = np.sort(lengths, 0)
+  top, second = order[-1], order[-2]
+  return np.where(lengths == top, second, top)
+
+
+def assign_groups(
+  lengths: np.ndarray,
+  slot_counts: Sequence[int],
+  intra: str,
+  floor: np.ndarray | None = None,
+) -> list[np.ndarray]:
+  """Graphs to groups of slots, keeping the padded block entries small.
+
+  A group's budgets are the larger of `floor` (budgets it already has) and
+  its graphs' largest lengths per modality, and every graph of the group
+  pays for them. Graphs start sorted by their own block entries (largest
+  first); then the swap between two groups that lowers the total most is
+  applied until none does (a local optimum; deterministic). With a floor,
+  graphs thus move into groups whose budgets already fit them rather than
+  growing others.
+
+  Args:
+    lengths: `[P, M]` nodes per modality of each graph slot (0: empty).
+    slot_counts: slots of each group, summing to `P`.
+    intra: as `DenseGroup.intra`.
+    floor: `[groups, M]` budgets the groups have already (None: zeros).
+
+  Returns:
+    Per group, the graph indices in its slots.
+  """
+  lengths = np.asarray(lengths, np.int64)
+  if floor is None:
+    floor = np.zeros((len(slot_counts), lengths.shape[1]), np.int64)
+  floor = np.asarray(floor, np.int64)
+  own = block_entries(lengths, intra)
+  order = np.argsort(-own, kind="stable")
+  bounds = np.cumsum([0, *slot_counts])
+  groups = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+  def cost(k, budgets):
+    return len(groups[k]) * block_entries(np.maximum(floor[k], budgets), intra)
+
+  for _ in range(4 * len(groups)):
+    best = (0, None)
+    for a in range(len(groups)):
+      for b in range(a + 1, len(groups)):
+        ga, gb = groups[a], groups[b]
+        if not len(ga) or not len(gb):
+          continue
+        la, lb = lengths[ga], lengths[gb]
+        # Costs after swapping ga[i] with gb[j], for all i, j at once.
+        new_a = np.maximum(_max_without(la)[:, None], lb[None])
+        new_b = np.maximum(_max_without(lb)[None], la[:, None])
+        delta = (
+          cost(a, new_a)
+          + cost(b, new_b)
+          - cost(a, la.max(0))
+          - cost(b, lb.max(0))
+        )
+        i, j = np.unravel_index(np.argmin(delta), delta.shape)
+        if delta[i, j] < best[0]:
+          best = (int(delta[i, j]), (a, b, i, j))
+    if best[1] is None:
+      break
+    a, b, i, j = best[1]
+    groups[a], groups[b] = groups[a].copy(), groups[b].copy()
+    groups[a][i], groups[b][j] = groups[b][j], groups[a][i]
+  return groups
+
+
+def group_slots(shards, num_groups: int, intra: str, floor=None):
+  """Assigns each shard's graphs to `num_groups` groups of slots.
 
   Args:
     shards: segment-layout shards (`Batch`es without a shard axis), each
       with `G - 1` graph slots plus a padding graph.
     num_groups: wanted groups (at most one per slot).
+    intra: as `DenseGroup.intra`.
+    floor: `[groups, M]` budgets the groups already have, or None.
 
   Returns:
-    `(slots, order, sizes, needs)`: the slot ranks of each group, each
-    shard's graphs largest first, each shard's node counts, and the largest
-    graph of each group over the shards (its smallest possible budget).
+    `(members, needs)`: per shard, per group the graph of each slot; and
+    `[groups, M]` the largest length per modality of each group over the
+    shards (its smallest possible budgets).
   """
   per_shard = int(np.asarray(shards[0].graph.n_node).shape[0]) - 1
-  slots = np.array_split(np.arange(per_shard), min(num_groups, per_shard))
-  order, sizes = [], []
+  split = np.array_split(np.arange(per_shard), min(num_groups, per_shard))
+  counts = [len(s) for s in split]
+  members, needs = [], None
   for shard in shards:
-    n_node = np.asarray(shard.graph.n_node[:per_shard])
-    n_node = np.where(shard.graph.globals["mask"][:per_shard], n_node, 0)
-    order.append(np.argsort(-n_node, kind="stable"))
-    sizes.append(n_node)
-  needs = [
-    max(
-      int(size[rank[s]].max(initial=0))
-      for size, rank in zip(sizes, order, strict=True)
-    )
-    for s in slots
-  ]
-  return slots, order, sizes, needs
+    lengths = graph_lengths(shard, per_shard)
+    groups = assign_groups(lengths, counts, intra, floor)
+    need = np.stack([lengths[g].max(0) for g in groups])
+    needs = need if needs is None else np.maximum(needs, need)
+    members.append(groups)
+  return members, needs
+
+
+def graph_lengths(shard, per_shard: int) -> np.ndarray:
+  """`[per_shard, M]` real nodes per modality of each graph slot."""
+  nodes = shard.graph.nodes
+  real = np.asarray(nodes["mask"])
+  num_mod = len(shard.features)
+  key = (
+    np.asarray(nodes["graph"])[real].astype(np.int64) * num_mod
+    + np.asarray(nodes["modality"])[real]
+  )
+  counts = np.bincount(key, minlength=(per_shard + 1) * num_mod)
+  return counts.reshape(per_shard + 1, num_mod)[:per_shard]
 
 
 def build(
   shards,
   real_edges: Sequence[int],
-  slot_groups: Sequence[np.ndarray],
-  order: Sequence[np.ndarray],
-  sizes: Sequence[np.ndarray],
-  budgets: Sequence[int],
-  num_types: int,
+  members: Sequence[Sequence[np.ndarray]],
+  budgets: np.ndarray,
+  intra: str,
 ) -> DenseBatch:
   """Segment-layout shards (real edges first) to one `DenseBatch`.
 
   Args:
     shards: segment-layout shards, as for `group_slots`.
     real_edges: real edge count of each shard.
-    slot_groups, order, sizes: from `group_slots`.
-    budgets: node budget `N` of each group (at least its need).
-    num_types: number of edge types (int8 tables up to 127).
+    members: from `group_slots`.
+    budgets: `[groups, M]` node budget of each group and modality (at least
+      its need).
+    intra: "adjacent" or "all_to_all", the graph's intra-modal edges.
 
   Returns:
     The `DenseBatch`.
   """
+  if intra not in INTRA_MODES:
+    raise ValueError(f"intra {intra!r}; expected one of {INTRA_MODES}")
   if sum(real_edges) >= 2**31:
     raise ValueError(
       f"{sum(real_edges)} edges exceed the int32 edge ids of the dense "
       "layout; lower the batch size"
     )
+  budgets = np.asarray(budgets, np.int64)
   num_shards = len(shards)
-  per_shard = len(sizes[0])
+  num_mod = len(shards[0].features)
+  per_shard = int(np.asarray(shards[0].graph.n_node).shape[0]) - 1
   pad_graph = per_shard
-  type_dtype = np.int8 if num_types <= 127 else np.int16
-  groups = [
-    DenseGroup(
-      rows=np.zeros((num_shards, len(slots), n), np.int32),
-      node_mask=np.zeros((num_shards, len(slots), n), bool),
-      graph=np.full((num_shards, len(slots)), pad_graph, np.int32),
-      edge_type=np.full((num_shards, len(slots), n, n), -1, type_dtype),
-      edge_id=np.full((num_shards, len(slots), n, n), -1, np.int32),
-    )
-    for slots, n in zip(slot_groups, budgets, strict=True)
-  ]
-  edge_offset = 0
-  for s, shard in enumerate(shards):
-    g = shard.graph
-    node_graph = np.asarray(g.nodes["graph"])
-    real = np.asarray(g.nodes["mask"])
-    rows = np.flatnonzero(real)
-    # Rows are modality-major; a graph's local order is by modality, then
-    # by row: a stable sort on (graph, modality) gives it.
-    local_order = rows[
-      np.lexsort(
-        (rows, np.asarray(g.nodes["modality"])[rows], node_graph[rows])
-      )
+  pairs = [(r, s) for r in range(num_mod) for s in range(num_mod)]
+  band = [r == s and intra == "adjacent" for r, s in pairs]
+  num_blocks = len(pairs)
+
+  def width(k, blk):
+    return 3 if band[blk] else int(budgets[k, pairs[blk][1]])
+
+  slots = [len(m) for m in members[0]]
+  # All blocks of all groups live in one flat buffer per field, so that
+  # the edges are written with one scatter; the blocks are views into it.
+  sizes = np.array(
+    [
+      [
+        num_shards * slots[k] * int(budgets[k, pairs[blk][0]]) * width(k, blk)
+        for blk in range(num_blocks)
+      ]
+      for k in range(len(slots))
+    ],
+    np.int64,
+  )
+  starts = (np.cumsum(sizes.reshape(-1)) - sizes.reshape(-1)).reshape(
+    sizes.shape
+  )
+  code_buf = np.full(int(sizes.sum()), -1, np.int8)
+  id_buf = np.full(int(sizes.sum()), -1, np.int32)
+  types = np.zeros(
+    (len(slots), num_blocks, num_shards, max(slots), TYPES_PER_BLOCK), np.int32
+  )
+  rows = [
+    [
+      np.zeros((num_shards, slots[k], budgets[k, m]), np.int32)
+      for m in range(num_mod)
     ]
-    # Position within its own graph: rank minus the graph's first rank.
-    local = np.zeros(real.shape[0], np.int64)
-    ranks = np.arange(local_order.size)
-    graph_of = node_graph[local_order]
-    graph_start = np.searchsorted(graph_of, graph_of, side="left")
-    local[local_order] = ranks - graph_start
+    for k in range(len(slots))
+  ]
+  masks = [
+    [
+      np.zeros((num_shards, slots[k], budgets[k, m]), bool)
+      for m in range(num_mod)
+    ]
+    for k in range(len(slots))
+  ]
+  graphs = [np.full((num_shards, n), pad_graph, np.int32) for n in slots]
+  edge_offset = 0
+  for sh, shard in enumerate(shards):
+    g = shard.graph
+    lengths = graph_lengths(shard, per_shard)
     group_of = np.zeros(per_shard + 1, np.int64)
     slot_of = np.zeros(per_shard + 1, np.int64)
-    for k, slots in enumerate(slot_groups):
-      graphs = order[s][slots]
-      group_of[graphs] = k
-      slot_of[graphs] = np.arange(len(slots))
-      groups[k].graph[s] = np.where(sizes[s][graphs] > 0, graphs, pad_graph)
-    ng = node_graph[rows]
-    for k, grp in enumerate(groups):
-      sel = (group_of[ng] == k) & (sizes[s][ng] > 0)
-      r = rows[sel]
-      grp.rows[s, slot_of[ng[sel]], local[r]] = r
-      grp.node_mask[s, slot_of[ng[sel]], local[r]] = True
-    e = real_edges[s]
-    eg = np.asarray(g.edges["graph"][:e])
-    recv = np.asarray(g.receivers[:e])
-    send = np.asarray(g.senders[:e])
-    etype = np.asarray(g.edges["type"][:e])
-    ids = edge_offset + np.arange(e, dtype=np.int64)
-    for k, grp in enumerate(groups):
-      sel = group_of[eg] == k
-      b, i, j = slot_of[eg[sel]], local[recv[sel]], local[send[sel]]
-      grp.edge_type[s, b, i, j] = etype[sel]
-      grp.edge_id[s, b, i, j] = ids[sel]
+    for k, mem in enumerate(members[sh]):
+      group_of[mem] = k
+      slot_of[mem] = np.arange(len(mem))
+      real = lengths[mem].sum(1) > 0
+      graphs[k][sh] = np.where(real, mem, pad_graph)
+    # Nodes: rows are modality-major, graph-major inside a modality and in
+    # time order inside a graph, so a node's position is its rank inside
+    # its (modality, graph) run.
+    node_graph = np.asarray(g.nodes["graph"]).astype(np.int64)
+    modality = np.asarray(g.nodes["modality"]).astype(np.int64)
+    real_rows = np.flatnonzero(np.asarray(g.nodes["mask"]))
+    run = modality[real_rows] * (per_shard + 1) + node_graph[real_rows]
+    position = np.zeros(node_graph.shape[0], np.int64)
+    position[real_rows] = np.arange(real_rows.size) - np.searchsorted(
+      run, run, side="left"
+    )
+    ng, nm = node_graph[real_rows], modality[real_rows]
+    for k in range(len(slots)):
+      sel = group_of[ng] == k
+      r = real_rows[sel]
+      for m in range(num_mod):
+        on = nm[sel] == m
+        rows[k][m][sh, slot_of[ng[sel][on]], position[r[on]]] = r[on]
+        masks[k][m][sh, slot_of[ng[sel][on]], position[r[on]]] = True
+    e = real_edges[sh]
+    if not e:
+      continue
+    eg = np.asarray(g.edges["graph"][:e]).astype(np.int64)
+    recv = np.asarray(g.receivers[:e]).astype(np.int64)
+    send = np.asarray(g.senders[:e]).astype(np.int64)
+    etype = np.asarray(g.edges["type"][:e]).astype(np.int64)
+    rm, sm = modality[recv], modality[send]
+    i, j = position[recv], position[send]
+    blk = rm * num_mod + sm
+    col = j
+    if intra == "adjacent":
+      delta = j - i
+      intra_edge = rm == sm
+      if np.any(intra_edge & (np.abs(delta) > 1)):
+        raise ValueError(
+          "an intra-modal edge links non-adjacent frames; build dense "
+          "batches with the graph's intra setting (config.intra)"
+        )
+      col = np.where(intra_edge, np.where(delta < 0, 2, delta), j)
+    # Codes: rank of each type among the types its (graph, block) holds.
+    num_types = int(etype.max()) + 1
+    present = np.zeros((per_shard + 1, num_blocks, num_types), bool)
+    present[eg, blk, etype] = True
+    rank = np.cumsum(present, -1) - 1
+    held = present.sum(-1)
+    if held.max() > TYPES_PER_BLOCK:
+      raise ValueError(
+        f"a (receiver, sender) modality block of one graph holds "
+        f"{held.max()} edge types; the dense layout takes at most "
+        f"{TYPES_PER_BLOCK} (the current, past and future relations)"
+      )
+    code = rank[eg, blk, etype].astype(np.int8)
+    gi, bi, ti = np.nonzero(present)
+    k_of, b_of = group_of[gi], slot_of[gi]
+    types[k_of, bi, sh, b_of, rank[gi, bi, ti]] = ti
+    k, b = group_of[eg], slot_of[eg]
+    n_r = budgets[k, rm]
+    w = np.where(np.array(band)[blk], 3, budgets[k, sm])
+    flat = starts[k, blk] + ((sh * np.array(slots)[k] + b) * n_r + i) * w + col
+    code_buf[flat] = code
+    id_buf[flat] = edge_offset + np.arange(e, dtype=np.int64)
     edge_offset += e
+  groups = []
+  for k in range(len(slots)):
+    codes, ids = [], []
+    for blk, (r, _) in enumerate(pairs):
+      shape = (num_shards, slots[k], int(budgets[k, r]), width(k, blk))
+      view = slice(starts[k, blk], starts[k, blk] + sizes[k, blk])
+      codes.append(code_buf[view].reshape(shape))
+      ids.append(id_buf[view].reshape(shape))
+    groups.append(
+      DenseGroup(
+        rows=tuple(rows[k]),
+        node_mask=tuple(masks[k]),
+        graph=graphs[k],
+        code=tuple(codes),
+        types=tuple(types[k, blk, :, : slots[k]] for blk in range(num_blocks)),
+        edge_id=tuple(ids),
+        intra=intra,
+      )
+    )
   stacked = jax.tree.map(lambda *xs: np.stack(xs), *shards)
   real_graph = stacked.graph.globals["mask"]
   n_edge = np.where(real_graph, stacked.graph.n_edge, 0).astype(np.int32)
@@ -210,12 +458,13 @@ def build(
 def to_edge_list(
   values: Sequence[np.ndarray], edge_ids: Sequence[np.ndarray], num_edges: int
 ) -> np.ndarray:
-  """Scatters per-group dense entries back to a flat edge list (numpy).
+  """Scatters block entries back to a flat edge list (numpy).
 
   Args:
-    values: per group `[S, B, N, N, ...]` values (attention heads last, or
-      masks).
-    edge_ids: per group the matching `[S, B, N, N]` edge ids (`-1`: none).
+    values: per block `[S, B, N_r, W, ...]` values (attention heads last,
+      or masks), e.g. `flat_blocks` of the model's aux outputs.
+    edge_ids: per block the matching `[S, B, N_r, W]` edge ids (`-1`:
+      none), e.g. `flat_blocks([g.edge_id for g in batch.groups])`.
     num_edges: total real edges of the batch (all shards).
 
   Returns:
@@ -229,3 +478,8 @@ def to_edge_list(
       out = np.zeros((num_edges, *v.shape[ids.ndim :]), v.dtype)
     out[ids[sel]] = v[sel]
   return out
+
+
+def flat_blocks(per_group: Sequence[Sequence]) -> list:
+  """Per group, per block values -> one list of blocks (group-major)."""
+  return [block for group in per_group for block in group]

@@ -1,9 +1,10 @@
 """Exact top-k edge pruning over dense blocks, without sorting.
 
-The `dense` backend keeps its edges as `[S, B, N, N]` tables, so pruning is
-a mask again, and must keep exactly the edges `layers.prune_edges` keeps:
-the k best scores per segment (the batch, a graph or a receiving node), ties
-to the lower edge index of the segment layout. Sorting tens of millions of
+The `dense` backend keeps its edges in blocks of `[S, B, N_r, W]` tables,
+so pruning is a mask again, and must keep exactly the edges
+`layers.prune_edges` keeps: the k best scores per segment (the batch, a
+graph or a receiving node), ties to the lower edge index of the segment
+layout. Sorting tens of millions of
 entries per layer is slow; instead the k-th largest score is found exactly
 on an order-preserving integer key of the floats, by histograms over 16-bit
 digits (one scatter-add pass per digit) or, per node, by fixing one bit per
@@ -203,30 +204,35 @@ def select_top(
 
 
 def prune_dense(
-  scores: Sequence[Array],
-  alive: Sequence[Array],
-  edge_ids: Sequence[Array],
+  scores: Sequence[Sequence[Array]],
+  alive: Sequence[Sequence[Array]],
+  edge_ids: Sequence[Sequence[Array]],
   keep_counts: Sequence[Array],
   *,
   scope: str = "batch",
-) -> list[Array]:
+) -> list[list[Array]]:
   """Dense-layout pruning: the same survivors as `layers.prune_edges`.
 
-  Scopes "batch" and "graph" find the cut by histograms (one scatter-add
-  pass per 16 key bits: two for float32 scores), "node" by bisection (a
-  counting pass per key bit: a histogram per node would not fit).
+  The entries come in *families* of blocks that share their ranking
+  segments (`dense.prune_families`): for "batch" one family of all blocks;
+  for "graph" the blocks of one group (segments: their `[S, B]` graphs); for
+  "node" the blocks of one group with one receiver modality (segments:
+  their `[S, B, N_r]` receivers). Scopes "batch" and "graph" find the cut by
+  histograms (one scatter-add pass per 16 key bits: two for float32
+  scores), "node" by bisection (a counting pass per key bit: a histogram
+  per node would not fit).
 
   Args:
-    scores: per group `[S, B, N, N]` edge scores.
-    alive: per group `[S, B, N, N]` edges alive before this pruning.
-    edge_ids: per group `[S, B, N, N]` int32 segment-layout edge index
+    scores: per family, per block `[S, B, N_r, W]` edge scores.
+    alive: per family, per block, the edges alive before this pruning.
+    edge_ids: per family, per block, int32 segment-layout edge index
       (shard-major over the batch), the tie order.
-    keep_counts: "batch": one scalar for all groups (in a 1-element list);
-      "graph": per group `[S, B]`; "node": per group `[S, B, N]`.
+    keep_counts: per family: "batch" a scalar; "graph" `[S, B]`; "node"
+      `[S, B, N_r]`.
     scope: "batch", "graph" or "node".
 
   Returns:
-    Per group, the new `[S, B, N, N]` alive mask.
+    Per family, per block, the new alive mask.
 
   References:
     Yang et al., MTAG, NAACL 2021, section 3.4; `layers.prune_edges`.
@@ -235,32 +241,47 @@ def prune_dense(
     raise ValueError(
       f"prune scope {scope!r}; expected one of {layers.PRUNE_SCOPES}"
     )
-  keys = []
-  for sc, live in zip(scores, alive, strict=True):
-    key = order_key(sc)
-    keys.append(jnp.where(live, key, jnp.zeros((), key.dtype)))
-  if scope == "batch":
-    seg = _Segments(
-      num=1,
-      ids=None,
-      count=lambda bs: sum(b.sum(dtype=jnp.int32) for b in bs).reshape(1),
-      expand=lambda v, g: v.reshape(()),
-    )
-    return select_top(keys, alive, edge_ids, keep_counts[0], seg)
   out = []
-  for key, live, ids, k in zip(keys, alive, edge_ids, keep_counts, strict=True):
-    lead = key.shape[:-1] if scope == "node" else key.shape[:-2]
-    axes = (-1,) if scope == "node" else (-2, -1)
-    num = int(np.prod(lead))
-    seg = _Segments(
-      num=num,
-      ids=[jnp.arange(num, dtype=jnp.int32).reshape(*lead, *(1,) * len(axes))],
-      count=lambda bs, axes=axes: bs[0].sum(axes, dtype=jnp.int32).reshape(-1),
-      expand=lambda v, g, lead=lead, axes=axes: v.reshape(
-        *lead, *(1,) * len(axes)
-      ),
-    )
-    method = "bisection" if scope == "node" else "histogram"
+  for fam_scores, fam_alive, fam_ids, k in zip(
+    scores, alive, edge_ids, keep_counts, strict=True
+  ):
+    # One array per family: its blocks side by side along the entries of a
+    # segment (fewer, larger passes; XLA fuses the concatenation).
+    keep_axes = {"batch": 0, "graph": 2, "node": 3}[scope]
+    lead = fam_scores[0].shape[:keep_axes]
+    if any(a.shape[:keep_axes] != lead for a in fam_scores):
+      raise ValueError(
+        f"the blocks of one {scope}-scope family must share their leading "
+        f"axes; got {[a.shape for a in fam_scores]}"
+      )
+    sizes = [int(np.prod(a.shape[keep_axes:])) for a in fam_scores]
+
+    def join(blocks, lead=lead):
+      return jnp.concatenate([b.reshape(*lead, -1) for b in blocks], -1)
+
+    score, live, ids = join(fam_scores), join(fam_alive), join(fam_ids)
+    key = order_key(score)
+    key = jnp.where(live, key, jnp.zeros((), key.dtype))
+    if scope == "batch":
+      seg = _Segments(
+        num=1,
+        ids=None,
+        count=lambda bs: bs[0].sum(dtype=jnp.int32).reshape(1),
+        expand=lambda v, g: v.reshape(()),
+      )
+      method = "histogram"
+    else:
+      num = int(np.prod(lead))
+      seg = _Segments(
+        num=num,
+        ids=[jnp.arange(num, dtype=jnp.int32).reshape(*lead, 1)],
+        count=lambda bs: bs[0].sum(-1, dtype=jnp.int32).reshape(-1),
+        expand=lambda v, g, lead=lead: v.reshape(*lead, 1),
+      )
+      method = "bisection" if scope == "node" else "histogram"
     (kept,) = select_top([key], [live], [ids], k, seg, method=method)
-    out.append(kept)
+    parts = jnp.split(kept, np.cumsum(sizes)[:-1], axis=-1)
+    out.append(
+      [p.reshape(a.shape) for p, a in zip(parts, fam_scores, strict=True)]
+    )
   return out

@@ -197,10 +197,10 @@ class MTAG(nn.Module):
       `nodes` `[L+1, S, N, hidden]`, `attention` `[L, S, E, heads]` and
       `edge_mask` `[L+1, S, E]` (edges alive entering each layer, and after
       the last pruning). With the dense backend each of the three is a
-      tuple over `batch.groups` of `[L+1, S, B, N, hidden]`,
-      `[L, S, B, heads, N, N]` and `[L+1, S, B, N, N]` (`[receiver,
-      sender]`); `dense_layout.to_edge_list` and the groups' `rows` map them
-      back.
+      tuple over `batch.groups`: `nodes` of per-modality `[L+1, S, B, N_m,
+      hidden]`, `attention` and `edge_mask` of per-block `[L, S, B, heads,
+      N_r, W]` and `[L+1, S, B, N_r, W]` (`DenseGroup` blocks);
+      `dense_layout.to_edge_list` and the groups' `rows` map them back.
     """
     is_dense = isinstance(batch, DenseBatch)
     if self.backend not in ("segment", "dense"):
@@ -315,13 +315,15 @@ class MTAG(nn.Module):
     )
 
   def _dense_layers(self, x, batch, train):
-    """MTGAT layers and pruning over node blocks; `(pooled, aux)`."""
+    """MTGAT layers and pruning over modality blocks; `(pooled, aux)`."""
     g, groups = batch.graph, batch.groups
-    # Flat node rows -> blocks, per shard.
+    # Flat node rows -> per-modality blocks, per shard.
     take = jax.vmap(lambda a, rows: a[rows])
-    xs = [take(x, grp.rows) for grp in groups]
+    xs = [[take(x, rows) for rows in grp.rows] for grp in groups]
     params = [
-      dense_lib.DenseMTGATConv(**self._conv_kwargs(layer))(x, params_only=True)
+      dense_lib.DenseMTGATConv(**self._conv_kwargs(layer))(
+        [x], params_only=True
+      )
       for layer in range(self.num_layers)
     ]
     params = jax.tree.map(lambda *a: jnp.stack(a), *params)
@@ -350,15 +352,23 @@ class MTAG(nn.Module):
       keep = [counts.reshape(self.num_layers, -1)[:, 0]]
     elif self.prune_scope == "graph":
       keep = [jnp.take_along_axis(counts, grp.graph[None], 2) for grp in groups]
-    else:
-      keep = [jax.vmap(take, (0, None))(counts, grp.rows) for grp in groups]
+    else:  # per (group, receiver modality), as `dense.prune_families`
+      keep = [
+        jax.vmap(take, (0, None))(counts, rows)
+        for grp in groups
+        for rows in grp.rows
+      ]
+    intra = {grp.intra for grp in groups}
+    if len(intra) > 1:
+      raise ValueError(f"dense groups disagree on intra: {sorted(intra)}")
     xs, aux = dense_lib.dense_stack(
       xs,
-      [take(g.nodes["modality"], grp.rows) for grp in groups],
-      [grp.edge_type for grp in groups],
+      [grp.code for grp in groups],
+      [grp.types for grp in groups],
       [grp.edge_id for grp in groups],
       params,
       keep,
+      intra=intra.pop(),
       dropout_keys=dropout_keys,
       prune_keys=prune_keys,
       prune=self.prune,
@@ -386,10 +396,14 @@ def _mean_readout(x, node_mask, node_graph, n_node):
 def _dense_readout(xs, groups, num_graphs):
   """Mean of the real nodes of each graph from the blocks: `[S, G, D]`."""
   totals, counts, graph = [], [], []
-  for x, grp in zip(xs, groups, strict=True):
-    w = grp.node_mask.astype(x.dtype)[..., None]
-    totals.append((x * w).sum(-2))
-    counts.append(w.sum(-2))
+  for xg, grp in zip(xs, groups, strict=True):
+    total = count = 0.0
+    for x, mask in zip(xg, grp.node_mask, strict=True):
+      w = mask.astype(x.dtype)[..., None]
+      total = total + (x * w).sum(-2)
+      count = count + w.sum(-2)
+    totals.append(total)
+    counts.append(count)
     graph.append(grp.graph)
   total = jnp.concatenate(totals, 1)
   count = jnp.concatenate(counts, 1)

@@ -77,15 +77,25 @@ def real_edges(values, seg_batch):
 
 
 def dense_nodes(per_group, den, num_rows):
-  """Per-group `[S, B, N, D]` node values -> flat `[S, rows, D]`."""
+  """Per group, per modality `[S, B, N_m, D]` values -> flat `[S, rows, D]`."""
   out = None
-  for v, grp in zip(per_group, den.groups, strict=True):
-    v = np.asarray(v)
-    if out is None:
-      out = np.zeros((v.shape[0], num_rows, v.shape[-1]), v.dtype)
-    for s in range(v.shape[0]):
-      m = grp.node_mask[s]
-      out[s, grp.rows[s][m]] = v[s][m]
+  for values, grp in zip(per_group, den.groups, strict=True):
+    for v, rows, mask in zip(values, grp.rows, grp.node_mask, strict=True):
+      v = np.asarray(v)
+      if out is None:
+        out = np.zeros((v.shape[0], num_rows, v.shape[-1]), v.dtype)
+      for s in range(v.shape[0]):
+        out[s, rows[s][mask[s]]] = v[s][mask[s]]
+  return out
+
+
+def layer_blocks(per_group, layer, heads_last=False):
+  """Per group, per block `[L, ...]` aux values -> flat blocks of `layer`."""
+  out = []
+  for group in per_group:
+    for v in group:
+      v = np.asarray(v[layer])
+      out.append(np.moveaxis(v, -3, -1) if heads_last else v)
   return out
 
 
@@ -95,25 +105,27 @@ def assert_same_run(seg, den, out_s, aux_s, out_d, aux_d, num_layers):
     np.asarray(out_d)[gmask], np.asarray(out_s)[gmask], rtol=0, atol=1e-12
   )
   node_mask = np.asarray(seg.graph.nodes["mask"])
-  ids = [grp.edge_id for grp in den.groups]
+  ids = dense_layout.flat_blocks([grp.edge_id for grp in den.groups])
   num_edges = den.num_edges
   for layer in range(num_layers + 1):
     got = dense_nodes(
-      [a[layer] for a in aux_d["nodes"]], den, node_mask.shape[1]
+      [[a[layer] for a in group] for group in aux_d["nodes"]],
+      den,
+      node_mask.shape[1],
     )
     want = np.asarray(aux_s["nodes"][layer])
     np.testing.assert_allclose(
       got[node_mask], want[node_mask], rtol=0, atol=1e-12
     )
     kept = dense_layout.to_edge_list(
-      [m[layer] for m in aux_d["edge_mask"]], ids, num_edges
+      layer_blocks(aux_d["edge_mask"], layer), ids, num_edges
     )
     np.testing.assert_array_equal(
       kept, real_edges(aux_s["edge_mask"][layer], seg), f"layer {layer}"
     )
   for layer in range(num_layers):
     att = dense_layout.to_edge_list(
-      [np.moveaxis(np.asarray(a[layer]), -3, -1) for a in aux_d["attention"]],
+      layer_blocks(aux_d["attention"], layer, heads_last=True),
       ids,
       num_edges,
     )
@@ -195,10 +207,11 @@ def test_prune_dense_equals_prune_edges(scope, dtype):
   ids = [grp.edge_id for grp in den.groups]
 
   def to_dense(values, fill):
-    return [
-      np.where(grp.edge_id >= 0, values[np.maximum(grp.edge_id, 0)], fill)
+    blocks = [
+      [np.where(i >= 0, values[np.maximum(i, 0)], fill) for i in grp.edge_id]
       for grp in den.groups
     ]
+    return dense.prune_families(blocks, scope)
 
   emask = np.asarray(seg.graph.edges["mask"])
   seg_scores = np.zeros(emask.shape, dtype)
@@ -212,8 +225,9 @@ def test_prune_dense_equals_prune_edges(scope, dtype):
     dense_keep = [np.take_along_axis(keep, g.graph, 1) for g in den.groups]
   else:
     dense_keep = [
-      np.stack([k[r] for k, r in zip(keep, g.rows, strict=True)])
+      np.stack([k[r] for k, r in zip(keep, rows, strict=True)])
       for g in den.groups
+      for rows in g.rows
     ]
   with jax.enable_x64(dtype == np.float64):
     want = layers.prune_edges(
@@ -226,8 +240,15 @@ def test_prune_dense_equals_prune_edges(scope, dtype):
     )
     got = jax.jit(
       lambda s, a, i, k: dense_prune.prune_dense(s, a, i, k, scope=scope)
-    )(to_dense(scores, 0.0), to_dense(alive, False), ids, dense_keep)
-  got = dense_layout.to_edge_list(got, ids, num_edges)
+    )(
+      to_dense(scores, 0.0),
+      to_dense(alive, False),
+      dense.prune_families(ids, scope),
+      dense_keep,
+    )
+  got = dense_layout.to_edge_list(
+    dense_layout.flat_blocks(got), dense_layout.flat_blocks(ids), num_edges
+  )
   np.testing.assert_array_equal(got, real_edges(want, seg))
   assert 0 < got.sum() < alive.sum()
 
@@ -284,43 +305,81 @@ def test_dropout_keeps_the_rate_and_the_pre_dropout_attention():
   tr, aux_t = apply(v, den, train=True, rngs={"dropout": jax.random.key(5)})
   assert not np.allclose(ev, tr)
   # The first layer's attention is the pre-dropout one in both modes.
-  np.testing.assert_allclose(
-    aux_t["attention"][0][0], aux_e["attention"][0][0], rtol=1e-6
-  )
+  for got, want in zip(
+    layer_blocks(aux_t["attention"], 0),
+    layer_blocks(aux_e["attention"], 0),
+    strict=True,
+  ):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def test_dense_batch_layout_covers_every_edge_once():
-  c = small_config()
+@pytest.mark.parametrize("intra", ["adjacent", "all_to_all"])
+def test_dense_batch_layout_covers_every_edge_once(intra):
+  c = small_config(intra=intra)
   rng = np.random.default_rng(5)
   seg, den = both_batches(c, make_samples(rng, c), num_shards=2)
   num_edges = den.num_edges
   assert num_edges == int(np.asarray(seg.graph.edges["mask"]).sum())
-  ids = np.concatenate([g.edge_id[g.edge_id >= 0] for g in den.groups])
+  ids = np.concatenate([i[i >= 0] for g in den.groups for i in g.edge_id])
   np.testing.assert_array_equal(np.sort(ids), np.arange(num_edges))
   # Types, senders and receivers agree with the segment edge list.
   send = real_edges(seg.graph.senders, seg)
   recv = real_edges(seg.graph.receivers, seg)
   etype = real_edges(seg.graph.edges["type"], seg)
   offsets = np.cumsum([0] + [int(m.sum()) for m in seg.graph.edges["mask"]])
+  n_node = np.asarray(seg.graph.n_node)
   for grp in den.groups:
-    s, b, i, j = np.nonzero(grp.edge_id >= 0)
-    e = grp.edge_id[s, b, i, j]
-    np.testing.assert_array_equal(grp.edge_type[s, b, i, j], etype[e])
-    np.testing.assert_array_equal(grp.rows[s, b, i], recv[e])
-    np.testing.assert_array_equal(grp.rows[s, b, j], send[e])
-    assert (e >= offsets[s]).all() and (e < offsets[s + 1]).all()
+    assert grp.intra == intra
+    blocks = zip(
+      grp.pairs(), grp.edge_id, grp.edge_types(), grp.senders(), strict=True
+    )
+    for (r, m), edge_id, types, senders in blocks:
+      assert edge_id.shape[-1] == (
+        3 if grp.is_band(r, m) else grp.rows[m].shape[-1]
+      )
+      s, b, i, w = np.nonzero(edge_id >= 0)
+      e = edge_id[s, b, i, w]
+      np.testing.assert_array_equal(types[s, b, i, w], etype[e])
+      np.testing.assert_array_equal(grp.rows[r][s, b, i], recv[e])
+      np.testing.assert_array_equal(grp.rows[m][s, b, senders[i, w]], send[e])
+      assert (e >= offsets[s]).all() and (e < offsets[s + 1]).all()
     # Graph slots hold real graphs with their node count (or nothing).
-    n_node = np.asarray(seg.graph.n_node)
     for s_ in range(2):
-      counts = grp.node_mask[s_].sum(-1)
+      counts = sum(mask[s_].sum(-1) for mask in grp.node_mask)
       pad = grp.graph[s_] == seg.graph.n_node.shape[1] - 1
       assert (counts[pad] == 0).all()
       np.testing.assert_array_equal(
         counts[~pad], n_node[s_][grp.graph[s_][~pad]]
       )
-  # Groups go from the largest graphs to the smallest.
-  sizes = [g.edge_type.shape[-1] for g in den.groups]
-  assert sizes == sorted(sizes, reverse=True)
+
+
+def test_group_assignment_is_a_partition_no_worse_than_sorting():
+  rng = np.random.default_rng(11)
+  lengths = np.stack(
+    [rng.integers(lo, hi, 32) for lo, hi in ((50, 501), (5, 51), (50, 376))],
+    -1,
+  )
+  lengths[3] = 0  # an empty slot
+  counts = [4] * 8
+  for intra in ("adjacent", "all_to_all"):
+    groups = dense_layout.assign_groups(lengths, counts, intra)
+    assert [len(g) for g in groups] == counts
+    np.testing.assert_array_equal(
+      np.sort(np.concatenate(groups)), np.arange(32)
+    )
+
+    def total(groups, intra=intra):
+      return sum(
+        len(g) * dense_layout.block_entries(lengths[g].max(0), intra)
+        for g in groups
+      )
+
+    by_size = np.argsort(-lengths.sum(1))
+    sorted_groups = np.split(by_size, np.cumsum(counts)[:-1])
+    assert total(groups) < total(sorted_groups)
+    assert total(groups) >= sum(
+      dense_layout.block_entries(lengths, intra)
+    )  # padding never makes a graph smaller
 
 
 def test_few_distinct_shapes_over_varied_batches():
@@ -382,8 +441,8 @@ def test_random_pruning_keeps_the_same_counts():
   for layer in range(c.num_layers + 1):
     kept_s = real_edges(aux_s["edge_mask"][layer], seg)
     kept_d = dense_layout.to_edge_list(
-      [m[layer] for m in aux_d["edge_mask"]],
-      [g.edge_id for g in den.groups],
+      layer_blocks(aux_d["edge_mask"], layer),
+      dense_layout.flat_blocks([g.edge_id for g in den.groups]),
       den.num_edges,
     )
     graph = real_edges(seg.graph.edges["graph"], seg)
@@ -398,28 +457,30 @@ def test_random_pruning_keeps_the_same_counts():
 
 
 def test_alive_without_an_edge_type_counts_as_dead():
-  """`alive` set where `edge_type` is -1 cannot reach past the type table."""
+  """`alive` set where a block has no edge is ignored."""
   rng = np.random.default_rng(0)
-  b, n, d, types = 2, 7, 6, 27
-  edge_type = rng.integers(-1, types, (b, n, n)).astype(np.int32)
-  x = jnp.asarray(rng.standard_normal((b, n, d)), jnp.float32)
-  node_type = jnp.asarray(rng.integers(0, 3, (b, n)), jnp.int32)
+  b, lengths, d, types = 2, (7, 5), 6, 27
+  xs = [
+    jnp.asarray(rng.standard_normal((b, n, d)), jnp.float32) for n in lengths
+  ]
+  codes, type_lists = [], []
+  for r, s in [(r, s) for r in range(2) for s in range(2)]:
+    width = 3 if r == s else lengths[s]
+    codes.append(
+      jnp.asarray(rng.integers(-1, 3, (b, lengths[r], width)), jnp.int8)
+    )
+    type_lists.append(jnp.asarray(rng.integers(0, types, (b, 3)), jnp.int32))
   conv = dense.DenseMTGATConv(
-    features=8, heads=2, num_node_types=3, num_edge_types=types
+    features=8, heads=2, num_node_types=2, num_edge_types=types
   )
-  params = conv.init(
-    jax.random.key(0), x, node_type=node_type, edge_type=jnp.asarray(edge_type)
-  )
+  params = conv.init(jax.random.key(0), xs, codes=codes, types=type_lists)
   run = lambda alive: conv.apply(
-    params,
-    x,
-    node_type=node_type,
-    edge_type=jnp.asarray(edge_type),
-    alive=alive,
+    params, xs, codes=codes, types=type_lists, alive=alive
   )
-  out, alpha = run(jnp.ones((b, n, n), bool))
-  ref_out, ref_alpha = run(jnp.asarray(edge_type >= 0))
-  np.testing.assert_array_equal(out, ref_out)
-  np.testing.assert_array_equal(alpha, ref_alpha)
-  for g in range(b):  # no weight on entries without an edge
-    assert np.all(np.asarray(alpha)[g][:, edge_type[g] < 0] == 0)
+  out, alpha = run([jnp.ones(c.shape, bool) for c in codes])
+  ref_out, ref_alpha = run([c >= 0 for c in codes])
+  for got, want in zip(out + alpha, ref_out + ref_alpha, strict=True):
+    np.testing.assert_array_equal(got, want)
+  for a, c in zip(alpha, codes, strict=True):  # no weight without an edge
+    assert np.all(np.moveaxis(np.asarray(a), 1, -1)[np.asarray(c) < 0] == 0)
+    assert np.asarray(a).sum() > 0
