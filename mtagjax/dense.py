@@ -56,9 +56,9 @@ def _fmix32(h: Array) -> Array:
 def hash_keep_mask(key: Array, shape: Sequence[int], keep_prob: float) -> Array:
   """Bernoulli(`keep_prob`) booleans from a hash of the entry index.
 
-  Two rounds of MurmurHash3's finaliser over `index ^ seed`, compared with
-  `keep_prob * 2**32`: one fused elementwise pass, vectorised by XLA, about
-  20x cheaper than `jax.random.bernoulli` on CPU. Entries beyond 2**32 would
+  MurmurHash3's finaliser over the seeded, scrambled entry index, compared
+  with `keep_prob * 2**32`: one fused elementwise pass, vectorised by XLA,
+  far cheaper than `jax.random.bernoulli` on CPU. Entries beyond 2**32 would
   repeat the pattern, far above any block this backend builds.
 
   Args:
@@ -79,8 +79,11 @@ def hash_keep_mask(key: Array, shape: Sequence[int], keep_prob: float) -> Array:
     iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
     index = index + iota * jnp.uint32(stride % (1 << 32))
     stride *= shape[axis]
-  h = _fmix32(index * jnp.uint32(0x9E3779B9) ^ seed[0])
-  h = _fmix32(h ^ seed[1])
+  # The seeded index, scrambled by an odd multiplier (a bijection), then
+  # one avalanche mix. A second round cost ~0.1 s of a MOSI-sized train
+  # step on CPU and changed no statistic the tests check (rate, pairs at
+  # strides 1 to 2**18, different keys: all within sampling noise).
+  h = _fmix32((index ^ seed[1]) * jnp.uint32(0x9E3779B9) ^ seed[0])
   threshold = min(int(round(keep_prob * 2.0**32)), 2**32 - 1)
   return h < jnp.uint32(threshold)
 
@@ -137,7 +140,7 @@ def _cross_terms_bwd(num, code, g):
   # Per code one row sum (receiver terms) and one column sum (sender terms)
   # of the cotangent on that code's entries. Written out, each code costs
   # one select instead of the chain autodiff makes of the nested selects
-  # (about a quarter less time in this backward on CPU).
+  # (7.3 -> 5.3 ms for one [4, 4, 400, 400] block on CPU).
   code = code[:, None]
   parts = []
   for k in range(num):
@@ -174,7 +177,9 @@ def _block_logits(a_dst, a_src, code, types, band: bool):
   Returns:
     `[B, H, N_r, W]` logits.
   """
-  pick = types[:, None, None, :]  # [B, 1, 1, K]
+  # Types come from the batch: keep the small gathers in range whatever
+  # they hold (the layout only writes types below T).
+  pick = jnp.clip(types, 0, a_dst.shape[-1] - 1)[:, None, None, :]
   dst = jnp.take_along_axis(a_dst, pick, -1, mode="promise_in_bounds")
   src = jnp.take_along_axis(a_src, pick, -1, mode="promise_in_bounds")
   code = code[:, None]  # [B, 1, N_r, W]
