@@ -240,7 +240,8 @@ class GraphBatcher:
       if self.num_groups < 1:
         raise ValueError(f"config.dense_groups={self.num_groups} must be >= 1")
       num_mod = len(config.modalities)
-      self._dense_nodes = [[0] * num_mod] * min(self.num_groups, self.per_shard)
+      groups = min(self.num_groups, self.per_shard)
+      self._dense_nodes = [[0] * num_mod for _ in range(groups)]
     self.dtype = np.dtype(dtype)
     self.sticky_budgets = sticky_budgets
     self._budgets = ([0] * len(config.modalities), 0)
