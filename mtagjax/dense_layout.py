@@ -41,6 +41,18 @@ BAND_OFFSETS = (0, 1, -1)
 INTRA_MODES = ("adjacent", "all_to_all")
 
 
+def block_pairs(num_modalities: int, intra: str) -> list[tuple[int, int, bool]]:
+  """`(receiver, sender, is_band)` of each block, in block order.
+
+  Receiver modality major, then sender modality; intra-modal blocks are
+  bands with `intra="adjacent"`, dense with `"all_to_all"`.
+  """
+  m = num_modalities
+  return [
+    (r, s, r == s and intra == "adjacent") for r in range(m) for s in range(m)
+  ]
+
+
 @flax.struct.dataclass
 class DenseGroup:
   """Graphs padded to one set of per-modality node budgets.
@@ -83,8 +95,7 @@ class DenseGroup:
 
   def pairs(self) -> list[tuple[int, int]]:
     """`(receiver, sender)` modality of each block, in block order."""
-    m = self.num_modalities
-    return [(r, s) for r in range(m) for s in range(m)]
+    return [(r, s) for r, s, _ in block_pairs(self.num_modalities, self.intra)]
 
   def is_band(self, r: int, s: int) -> bool:
     """Whether block `(r, s)` is a band (intra-modal, `intra="adjacent"`)."""
@@ -305,9 +316,10 @@ def build(
   num_mod = len(shards[0].features)
   per_shard = int(np.asarray(shards[0].graph.n_node).shape[0]) - 1
   pad_graph = per_shard
-  pairs = [(r, s) for r in range(num_mod) for s in range(num_mod)]
-  band = [r == s and intra == "adjacent" for r, s in pairs]
-  num_blocks = len(pairs)
+  blocks = block_pairs(num_mod, intra)
+  pairs = [(r, s) for r, s, _ in blocks]
+  band = [b for _, _, b in blocks]
+  num_blocks = len(blocks)
 
   def width(k, blk):
     return 3 if band[blk] else int(budgets[k, pairs[blk][1]])
