@@ -73,17 +73,24 @@ def hash_keep_mask(key: Array, shape: Sequence[int], keep_prob: float) -> Array:
     Austin Appleby, MurmurHash3 (public domain), `fmix32`.
   """
   seed = jax.random.bits(key, (2,), jnp.uint32)
-  index = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
-    index = index + iota * jnp.uint32(stride % (1 << 32))
-    stride *= shape[axis]
-  # The seeded index, scrambled by an odd multiplier (a bijection), then
-  # one avalanche mix. A second round cost ~0.1 s of a MOSI-sized train
-  # step on CPU and changed no statistic the tests check (rate, pairs at
-  # strides 1 to 2**18, different keys: all within sampling noise).
-  h = _fmix32((index ^ seed[1]) * jnp.uint32(0x9E3779B9) ^ seed[0])
+  # The flat entry index plus a seed-derived offset, in Horner form over
+  # per-axis ranges that already hold the seed: nothing here is free of the
+  # seed, so nothing is loop-invariant inside the layer scan. (From a
+  # seed-free iota, JAX would hoist the full-size index out of the scan as
+  # a residual of the recomputed layer, and the backward pass would read a
+  # u32 array per block instead of computing it in the fused pass.)
+  index = jnp.zeros((), jnp.uint32)
+  for axis, size in enumerate(shape):
+    ranged = jnp.arange(size, dtype=jnp.uint32) + seed[1]
+    ranged = ranged.reshape(
+      [size if a == axis else 1 for a in range(len(shape))]
+    )
+    index = index * jnp.uint32(size % (1 << 32)) + ranged
+  # Scrambled by an odd multiplier (a bijection), then one avalanche mix.
+  # A second round cost ~0.1 s of a MOSI-sized train step on CPU and
+  # changed no statistic the tests check (rate, pairs at strides 1 to
+  # 2**18, different keys: all within sampling noise).
+  h = _fmix32(index * jnp.uint32(0x9E3779B9) ^ seed[0])
   threshold = min(int(round(keep_prob * 2.0**32)), 2**32 - 1)
   return h < jnp.uint32(threshold)
 
@@ -252,7 +259,13 @@ def dense_mtgat(
       s = pairs[k][1]
       raw = _block_logits(a_dst[r], a_src[s], codes[k], types[k], band[k])
       live = (alive[k] & (codes[k] >= 0))[:, None]
-      logits[k] = jnp.where(live, jax.nn.leaky_relu(raw, negative_slope), _DEAD)
+      # Dead entries: the logit plus `_DEAD`, which rounds to `_DEAD` for
+      # any finite logit below ~1e22 in magnitude. Their softmax weight and
+      # cotangent are exactly 0 as with a select; but a select's gradient
+      # needs a full-size zero fill, which JAX hoists out of the layer scan
+      # as a loop-invariant residual and reads back on every layer.
+      dead = jnp.where(live, 0.0, _DEAD).astype(raw.dtype)
+      logits[k] = jax.nn.leaky_relu(raw, negative_slope) + dead
     # The shift cancels in the ratio; no gradient through it (as PyG). A
     # row without live entries has the dead value as maximum: shift it far
     # above, so that its entries, too, get exactly 0.
@@ -273,7 +286,9 @@ def dense_mtgat(
         keep = hash_keep_mask(
           jax.random.fold_in(dropout_key, k), alpha.shape, 1.0 - dropout_rate
         )
-        weights = jnp.where(keep, alpha / (1.0 - dropout_rate), 0.0)
+        # A product with the mask rather than a select (no zero fill in
+        # the gradient, as for the logits above).
+        weights = alpha / (1.0 - dropout_rate) * keep.astype(alpha.dtype)
       weights = weights.astype(hs[r].dtype)
       s = pairs[k][1]
       if band[k]:
@@ -493,7 +508,12 @@ def dense_stack(
     new_alive = alive
     if prune:
       if pkey is None:
-        scores = [[a.mean(-3) for a in group] for group in alphas]
+        # No gradient flows through the ranking; without the stop, the
+        # JVP of its selects keeps full-size fill constants as residuals,
+        # which JAX hoists out of the scan and materialises on every step.
+        scores = [
+          [jax.lax.stop_gradient(a.mean(-3)) for a in group] for group in alphas
+        ]
       else:
         scores, k = [], 0
         for group in alive:
