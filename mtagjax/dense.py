@@ -259,11 +259,11 @@ def dense_mtgat(
       s = pairs[k][1]
       raw = _block_logits(a_dst[r], a_src[s], codes[k], types[k], band[k])
       live = (alive[k] & (codes[k] >= 0))[:, None]
-      # Dead entries: the logit plus `_DEAD`, which rounds to `_DEAD` for
-      # any finite logit below ~1e22 in magnitude. Their softmax weight and
-      # cotangent are exactly 0 as with a select; but a select's gradient
-      # needs a full-size zero fill, which JAX hoists out of the layer scan
-      # as a loop-invariant residual and reads back on every layer.
+      # Dead entries: the logit plus `_DEAD`, so far below any live logit
+      # that their exp() after the row shift is exactly 0, as with a
+      # select, and so is their cotangent. A select's gradient would need a
+      # full-size zero fill, which JAX hoists out of the layer scan as a
+      # loop-invariant residual and reads back on every layer.
       dead = jnp.where(live, 0.0, _DEAD).astype(raw.dtype)
       logits[k] = jax.nn.leaky_relu(raw, negative_slope) + dead
     # The shift cancels in the ratio; no gradient through it (as PyG). A
