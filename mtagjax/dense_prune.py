@@ -37,11 +37,11 @@ def order_key(scores: Array) -> Array:
   """
   width = jnp.finfo(scores.dtype).bits
   utype = jnp.uint64 if width == 64 else jnp.uint32
-  # -0.0 and 0.0 are the same score (a tie), so give them one key.
-  # Scores equal to 0 (-0.0, and denormals where they are flushed) -> +0.0
-  # (`x - x` is +0.0 for finite x). No scalar fill: under `jax.grad` of a
-  # scanned, rematerialised layer stack, a broadcast constant becomes a
-  # loop-invariant residual that JAX hoists and materialises full-size.
+  # Scores equal to 0 (-0.0, and denormals where they are flushed) are one
+  # tie, so give them one key: +0.0 (`x - x` is +0.0 for finite x). No
+  # scalar fill: under `jax.grad` of a scanned, rematerialised layer stack,
+  # a broadcast constant becomes a loop-invariant residual that JAX hoists
+  # and materialises full-size.
   scores = jnp.where(scores == 0, scores - scores, scores)
   bits = jax.lax.bitcast_convert_type(scores, utype)
   sign = utype(1) << utype(width - 1)
