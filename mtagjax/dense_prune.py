@@ -188,7 +188,7 @@ def select_top(
     low, _, _ = _kth_by_histogram(flipped, equal, rest, seg)
     return (~low).astype(jnp.int32)
 
-  def cut(_):
+  def cut_by_bisection(_):
     def fewer_than_rest(v):
       lims = [exp(v.astype(jnp.int32), g) for g in range(len(keys))]
       return (
@@ -207,7 +207,7 @@ def select_top(
   needs_cut = jnp.any((rest > 0) & (rest < num_equal))
   last = jax.lax.cond(
     needs_cut,
-    cut_by_histogram if method == "histogram" else cut,
+    cut_by_histogram if method == "histogram" else cut_by_bisection,
     lambda _: jnp.full(k.shape, jnp.iinfo(jnp.int32).max, jnp.int32),
     None,
   )
