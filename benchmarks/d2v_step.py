@@ -5,7 +5,8 @@ For each modality, size (the `tiny` and `base` variants of
 compile time, median steady-state time, items (clips, images, sequences)
 per second and peak memory of `d2vjax.pretrain.pretrain_step` (EMA teacher
 forward and targets, student forward and backward, optimizer update,
-teacher EMA update), on a fixed batch from `experiments.d2v_data.batch_at`
+teacher EMA update), on a fixed batch from
+`experiments.data.pretrain_batches.batch_at`
 (generated data, seed 0). Base speech clips are cut to `--audio_seconds`
 (15 s of 16 kHz audio by default; the config's 20 s crops are the
 pretraining recipe, not the issue's benchmark).

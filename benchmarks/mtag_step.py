@@ -7,7 +7,7 @@ compile time, median steady-state step time, graphs per second and peak
 memory of the train step (forward, backward, AdamW update) and of the eval
 step; then how many times a 50-batch epoch of varied lengths compiles.
 With `--loop_batches=N`, N train steps on fresh batches, built in the loop
-and then ahead on a background thread (`experiments.prefetch`).
+and then ahead on a background thread (`experiments.runtime.prefetch`).
 
 Each backend and mode runs in its own subprocess so that peak RSS
 (`resource.getrusage`, the whole process: batch, parameters, compilation)

@@ -14,8 +14,9 @@ into a run:
 * orbax checkpoints every ``config.train.checkpoint_every`` steps and at the
   end, SIGTERM (or ``config.train.stop_after_steps``) checkpoints and
   returns, and a run started again in the same workdir resumes. Batches are
-  a function of the step (`experiments.d2v_data.batch_at`) and the dropout
-  key is folded from the step, so a resumed run logs the same losses, bit
+  a function of the step (`experiments.data.pretrain_batches.batch_at`) and
+  the dropout key is folded from the step, so a resumed run logs the same
+  losses, bit
   for bit, as one that was never interrupted;
 * ``train/loss``, ``train/ema_decay``, ``train/target_var``,
   ``train/pred_var``, ``train/grad_norm`` and ``train/learning_rate`` to
@@ -39,10 +40,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from d2vjax import audio, optim, text, vision
 from d2vjax import ema as ema_lib
 from d2vjax import pretrain as pretrain_lib
-from experiments import checkpoint as ckpt_lib
-from experiments import d2v_data, distributed, writers
-from experiments import preemption as preemption_lib
-from experiments import progress as progress_lib
+from experiments.data import pretrain_batches as d2v_data
+from experiments.runtime import checkpoint as ckpt_lib
+from experiments.runtime import distributed, writers
+from experiments.runtime import preemption as preemption_lib
+from experiments.runtime import progress as progress_lib
 
 # Fields that may change between a run and its resumption: when to stop,
 # log and save, and the device layout (orbax restores into any sharding).

@@ -26,7 +26,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import distributed, finetune_loop
+from experiments import finetune_loop
+from experiments.runtime import distributed
 
 FLAGS = flags.FLAGS
 

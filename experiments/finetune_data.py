@@ -3,14 +3,14 @@
 ``config.data.source`` picks the examples (`SOURCES`):
 
 * ``"spoken_sentences"`` (speech): the espeak-spoken VADER sentences of
-  `experiments.speech_corpus` with their letter transcripts, train split
+  `experiments.data.speech_corpus` with their letter transcripts, train split
   for training and valid split for validation; clips longer than
   ``config.data.num_samples`` or transcripts longer than
   ``config.data.max_label_length`` letters are left out;
 * ``"fashion_mnist"`` (image): Fashion-MNIST's 10 classes, the train split
   through `d2vjax.datasets.images.ImageLoader`'s augmentations, the test
   split (not augmented) for validation;
-* ``"sentiment"`` (text): a set of `experiments.sentiment_sets`
+* ``"sentiment"`` (text): a set of `experiments.data.sentiment_sets`
   (``config.data.sentiment_task``): ``vader_movie`` with ``num_labels=1``
   regresses the rating in [-3, 3], with ``num_labels=2`` classifies its
   sign (zero ratings left out); ``rt_polarity`` is fresh vs rotten;
@@ -51,7 +51,8 @@ from d2vjax import masking, speech
 from d2vjax.datasets import audio, sampling
 from d2vjax.datasets import images as images_lib
 from d2vjax.datasets import text as text_lib
-from experiments import d2v_data, sentiment_sets, speech_corpus
+from experiments.data import pretrain_batches as d2v_data
+from experiments.data import sentiment_sets, speech_corpus
 
 Array = jax.Array
 
@@ -344,7 +345,7 @@ def _check_real(config: ml_collections.ConfigDict) -> None:
       )
     if not (d.get("path", "") or d.get("corpus", "")):
       raise ValueError(
-        "config.data.path (a built experiments.sentiment_sets folder) or "
+        "config.data.path (a built experiments.data.sentiment_sets folder) or "
         "config.data.corpus (the text_corpus whose tokenizer the encoder "
         "uses) must be set for source='sentiment'"
       )
@@ -408,7 +409,7 @@ def _sentiment_set(
   if not file.is_file():
     raise FileNotFoundError(
       f"{file} not found: point config.data.path at a folder built by "
-      "`python -m experiments.sentiment_sets`"
+      "`python -m experiments.data.sentiment_sets`"
     )
   with np.load(file) as z:
     ids, lengths = z["ids"], z["lengths"]

@@ -45,11 +45,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from d2vjax import audio, convert, optim, text, vision
 from d2vjax import finetune as ft
-from experiments import checkpoint as ckpt_lib
-from experiments import d2v_loop, distributed, writers
+from experiments import d2v_loop
 from experiments import finetune_data as ft_data
-from experiments import preemption as preemption_lib
-from experiments import progress as progress_lib
+from experiments.runtime import checkpoint as ckpt_lib
+from experiments.runtime import distributed, writers
+from experiments.runtime import preemption as preemption_lib
+from experiments.runtime import progress as progress_lib
 
 Array = jax.Array
 PyTree = Any
@@ -104,8 +105,8 @@ def _pretrained_encoder(
 
   The pretraining state is rebuilt abstractly from the run's `config.json`
   with the pretraining loop's own builder (`d2v_loop.build`) and restored,
-  replicated on `mesh`, through `experiments.checkpoint.Checkpointer` from
-  the newest readable step; the EMA teacher and the regression head are
+  replicated on `mesh`, through `experiments.runtime.checkpoint.Checkpointer`
+  from   the newest readable step; the EMA teacher and the regression head are
   then dropped (spec §3.1). The whole state, optimizer moments included,
   is read once.
   """

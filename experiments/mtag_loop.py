@@ -20,10 +20,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import checkpoint as ckpt_lib
-from experiments import distributed, prefetch, writers
-from experiments import preemption as preemption_lib
-from experiments import progress as progress_lib
+from experiments.runtime import checkpoint as ckpt_lib
+from experiments.runtime import distributed, prefetch, writers
+from experiments.runtime import preemption as preemption_lib
+from experiments.runtime import progress as progress_lib
 from mtagjax import batching, datasets, metrics, schedules, synthetic, train
 from mtagjax import model as model_lib
 
@@ -71,7 +71,7 @@ def spoken_reviews_path(d: ml_collections.ConfigDict) -> str:
 
 
 def spoken_reviews_samples(config: ml_collections.ConfigDict) -> dict:
-  """SpokenReviews (`experiments/spoken_reviews.py`) as MTAG samples.
+  """SpokenReviews (`experiments/data/spoken_reviews.py`) as MTAG samples.
 
   Reads the set at `config.data.path`, or builds (or finds in the cache)
   the one that `config.data` describes (`data_dir`, `seed`, `limit`,

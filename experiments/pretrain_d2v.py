@@ -23,7 +23,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from d2vjax import pretrain
-from experiments import d2v_loop, distributed
+from experiments import d2v_loop
+from experiments.runtime import distributed
 
 FLAGS = flags.FLAGS
 

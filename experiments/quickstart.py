@@ -42,9 +42,13 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from d2vjax.datasets import images as images_lib
-from experiments import checkpoint as ckpt_lib
-from experiments import d2v_data, d2v_loop, fetch, mtag_loop, plots, writers
+from experiments import d2v_loop, mtag_loop
 from experiments.configs import d2v_vision, mtag_spoken
+from experiments.data import fetch
+from experiments.data import pretrain_batches as d2v_data
+from experiments.reports import plots
+from experiments.runtime import checkpoint as ckpt_lib
+from experiments.runtime import writers
 from mtagjax import datasets
 
 FLAGS = flags.FLAGS

@@ -16,7 +16,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import distributed, mtag_loop
+from experiments import mtag_loop
+from experiments.runtime import distributed
 from mtagjax import train
 
 FLAGS = flags.FLAGS

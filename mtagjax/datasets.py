@@ -231,7 +231,7 @@ def padded_lengths(
   return tuple(lengths)
 
 
-# SpokenReviews (built by `experiments/spoken_reviews.py`): one npz per
+# SpokenReviews (built by `experiments/data/spoken_reviews.py`): one npz per
 # split holding ragged sequences as concatenations plus `[n + 1]` offsets.
 _SR_RAGGED = {  # key -> (offsets key, dtype kind, trailing dims)
   "text_ids": ("text_offsets", "i", 0),
@@ -256,7 +256,7 @@ def _read_json(path: str) -> Any:
   if not os.path.isfile(path):
     raise FileNotFoundError(
       f"{path} is missing; the SpokenReviews folder is incomplete: build it "
-      "again with `python -m experiments.spoken_reviews`"
+      "again with `python -m experiments.data.spoken_reviews`"
     )
   try:
     with open(path, encoding="utf-8") as f:
@@ -346,7 +346,7 @@ def _sr_split(path: str, width: Mapping[str, int], vocab_size: int) -> dict:
 
 
 def load_spoken_reviews(path: str | os.PathLike) -> dict[str, Any]:
-  """Loads a SpokenReviews folder (`experiments/spoken_reviews.py`).
+  """Loads a SpokenReviews folder (`experiments/data/spoken_reviews.py`).
 
   Args:
     path: the cache folder, holding `train.npz`, `valid.npz`, `test.npz`,
@@ -377,7 +377,7 @@ def load_spoken_reviews(path: str | os.PathLike) -> dict[str, Any]:
   if not os.path.isdir(root):
     raise FileNotFoundError(
       f"SpokenReviews folder not found: {root!r}; build it with "
-      "`python -m experiments.spoken_reviews --data_dir=...`"
+      "`python -m experiments.data.spoken_reviews --data_dir=...`"
     )
   meta_path = os.path.join(root, "meta.json")
   meta = _read_json(meta_path)

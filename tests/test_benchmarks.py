@@ -3,7 +3,7 @@
 import pytest
 
 from benchmarks import accel, d2v_step
-from experiments import d2v_data
+from experiments.data import pretrain_batches as d2v_data
 
 
 def _flops(modality: str, batch: int = 1) -> float:

@@ -15,7 +15,7 @@ volunteers: ``<category>/.../<name>_desc[_<lang>].ogg`` with the text in
 ``num_samples`` samples, a random crop of a clip at least that long, as a
 pure function of ``(seed, step, row)`` (`sampling`).
 
-No downloads happen here; `experiments.speech_corpus` fetches and caches.
+No downloads happen here; `experiments.data.speech_corpus` fetches and caches.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """English text for data2vec pretraining: corpus readers, packing, a loader.
 
 Readers of three Debian corpora, given the root of the unpacked package
-(nothing here downloads; `experiments.text_corpus` fetches and builds):
+(nothing here downloads; `experiments.data.text_corpus` fetches and builds):
 
 * GCIDE, the Collaborative International Dictionary of English
   (``dict-gcide``: ``usr/share/dictd/gcide.dict.dz``, gzip-readable): one
@@ -276,7 +276,7 @@ def pack_blocks(
 
 
 def load_corpus(path: str | os.PathLike) -> dict:
-  """Reads a corpus folder written by `experiments.text_corpus`.
+  """Reads a corpus folder written by `experiments.data.text_corpus`.
 
   Returns:
     ``{"meta": dict, "tokens": [n] stream (documents ended by </s>),
@@ -291,7 +291,7 @@ def load_corpus(path: str | os.PathLike) -> dict:
     if not (folder / name).is_file():
       raise FileNotFoundError(
         f"{folder / name} is missing; build the corpus with "
-        "`python -m experiments.text_corpus`"
+        "`python -m experiments.data.text_corpus`"
       )
   meta = json.loads((folder / "meta.json").read_text())
   return {

@@ -17,8 +17,8 @@ Variants:
   few steps; runs in seconds on a CPU and is what the tests train.
 
 The data are *generated* waveforms by default (``config.data.source=
-"synthetic"``, see `experiments.d2v_data`); ``source="speech"`` reads real
-clips instead, cropped to ``config.data.num_samples``:
+"synthetic"``, see `experiments.data.pretrain_batches`); ``source="speech"``
+reads real clips instead, cropped to ``config.data.num_samples``:
 
   python -m experiments.pretrain_d2v \
     --config=experiments/configs/d2v_audio.py:tiny --workdir=/tmp/d2v_sp \
@@ -95,7 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   # "synthetic": generated waveforms; "speech": crops of the sets of
-  # experiments.speech_corpus (experiments.d2v_data).
+  # experiments.data.speech_corpus (experiments.data.pretrain_batches).
   c.data.source = "synthetic"
   # max_sample_size: 20 s at 16 kHz. With source="speech" also the shortest
   # clip used (min_sample_size): about 2-4 s suits the spoken sentences

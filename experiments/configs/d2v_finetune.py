@@ -263,7 +263,7 @@ def _text(task: str) -> ml_collections.ConfigDict:
   c.data.seq_len = 512  # padded length, <s> and </s> included
   c.data.min_len = 8
   c.data.bos_id, c.data.eos_id, c.data.num_special = 0, 2, 4
-  # source="sentiment": the set of experiments.sentiment_sets, and the
+  # source="sentiment": the set of experiments.data.sentiment_sets, and the
   # text_corpus folder whose tokenizer builds it (unless data.path names a
   # built one). vader_movie: num_labels 1 = rating, 2 = its sign.
   c.data.sentiment_task = "vader_movie"

@@ -24,9 +24,10 @@ uncorrupted sequence (the paper) unless
 whose teacher reads only the masked tokens (fairseq issue #4881).
 
 The data are *generated* token sequences by default (``config.data.source=
-"synthetic"``, see `experiments.d2v_data`); ``--config.data.source=corpus``
+"synthetic"``, see `experiments.data.pretrain_batches`);
+``--config.data.source=corpus``
 trains on blocks of real English (GCIDE, WordNet glosses, fortunes) with a
-byte-level BPE built by `experiments.text_corpus`, e.g. with
+byte-level BPE built by `experiments.data.text_corpus`, e.g. with
 ``--config.model.vocab_size=8192 --config.mask.mask_id=8191``.
 """
 
@@ -98,12 +99,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.stop_after_steps = 0
 
   c.data = ml_collections.ConfigDict()
-  # "synthetic": generated token sequences (experiments.d2v_data);
-  # "corpus": packed blocks of real English (experiments.text_corpus) with
+  # "synthetic": generated token sequences (experiments.data.pretrain_batches);
+  # "corpus": packed blocks of real English (experiments.data.text_corpus) with
   # its byte-level BPE, whose size must equal config.model.vocab_size (and
   # <mask> = vocab_size - 1 = config.mask.mask_id).
   c.data.source = "synthetic"
-  # A corpus folder from experiments.text_corpus; "" = find or build the
+  # A corpus folder from experiments.data.text_corpus; "" = find or build the
   # one with this vocab_size under data_dir ("" = the user's cache), of
   # max_words words (0 = all, about 6.7M). Blocks are repacked to seq_len.
   c.data.path = ""

@@ -16,7 +16,7 @@ Variants:
   steps; runs in seconds on a CPU and is what the tests train.
 
 The data are *generated* images by default (``config.data.source=
-"synthetic"``, see `experiments.d2v_data`); ``--config.data.source=
+"synthetic"``, see `experiments.data.pretrain_batches`); ``--config.data.source=
 fashion_mnist`` trains on Fashion-MNIST (fetched from Debian, or read from
 ``--config.data.path``), resized to the model's image size.
 """
@@ -84,7 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.stop_after_steps = 0
 
   c.data = ml_collections.ConfigDict()
-  # "synthetic": generated images (experiments.d2v_data); "fashion_mnist":
+  # "synthetic": generated images (experiments.data.pretrain_batches);
+  # "fashion_mnist":
   # the real training images, augmented and resized to
   # config.model.image_size (grey, repeated to 3 channels). Image size and
   # patches come from config.model.

@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.best_metric = "eval/valid/mae"
   c.train.best_mode = "min"
   # Batches built ahead on a background thread while the device steps
-  # (experiments/prefetch.py); 0 = build each in the loop.
+  # (experiments/runtime/prefetch.py); 0 = build each in the loop.
   c.train.prefetch = 2
   # Simulated preemption for tests: stop (and checkpoint) after this many
   # steps of this process; 0 = never.

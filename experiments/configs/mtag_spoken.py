@@ -5,7 +5,7 @@ r"""MTAG on SpokenReviews: rated review sentences, spoken and "seen".
   python -m experiments.train_mtag \
     --config=experiments/configs/mtag_spoken.py:tiny --workdir=/tmp/mtag_tiny
 
-The set (`experiments/spoken_reviews.py`) is built on first use into the
+The set (`experiments/data/spoken_reviews.py`) is built on first use into the
 data directory (`config.data.data_dir`, "" = the user's cache). Its three
 unaligned streams become MTAG's modalities in the official order: vision
 (6 articulatory channels, pooled from 30 to 5 fps), text (token ids
@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.source = "spoken_reviews"
   # A built set's folder; "" = build (or find in the cache) the one below.
   c.data.path = ""
-  c.data.data_dir = ""  # "" = the user's cache (experiments.fetch)
+  c.data.data_dir = ""  # "" = the user's cache (experiments.data.fetch)
   c.data.archive = ""  # a vaderSentiment sdist instead of the fetched one
   c.data.seed = 0
   c.data.limit = 600  # sentences (70/10/20 train/valid/test); 0 = all

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from d2vjax.datasets import text
-from experiments import d2v_data, pretrain_d2v, text_corpus, writers
+from experiments import pretrain_d2v
 from experiments.configs import d2v_text, d2v_vision
+from experiments.data import pretrain_batches as d2v_data
+from experiments.data import text_corpus
+from experiments.runtime import writers
 from tests.d2vjax.test_datasets_images import write_fashion_mnist
 from tests.d2vjax.test_datasets_text import make_debian_trees
 

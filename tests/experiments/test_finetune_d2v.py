@@ -14,16 +14,10 @@ import pytest
 from flax import traverse_util
 
 from d2vjax import convert
-from experiments import checkpoint as ckpt_lib
-from experiments import (
-  d2v_loop,
-  finetune_d2v,
-  finetune_data,
-  finetune_loop,
-  progress,
-  writers,
-)
+from experiments import d2v_loop, finetune_d2v, finetune_data, finetune_loop
 from experiments.configs import d2v_finetune, d2v_vision
+from experiments.runtime import checkpoint as ckpt_lib
+from experiments.runtime import progress, writers
 
 FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "d2v"
 TASKS = ("speech", "image", "text")

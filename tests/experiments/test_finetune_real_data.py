@@ -2,7 +2,7 @@
 
 Inputs are tiny generated files in the real formats: a VADER sdist of short
 sentences spoken by espeak-ng, Fashion-MNIST IDX files, and a sentiment set
-``vader_movie.npz`` as `experiments.sentiment_sets` writes it.
+``vader_movie.npz`` as `experiments.data.sentiment_sets` writes it.
 """
 
 import os
@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from d2vjax.datasets import text as text_lib
-from experiments import finetune_d2v, finetune_data, finetune_loop, writers
-from experiments import speech_corpus as sc
+from experiments import finetune_d2v, finetune_data, finetune_loop
 from experiments.configs import d2v_finetune
+from experiments.data import speech_corpus as sc
+from experiments.runtime import writers
 from tests.d2vjax.test_datasets_images import write_fashion_mnist
-from tests.experiments.test_speech_corpus import SHORT
-from tests.experiments.test_vader import make_sdist
+from tests.experiments.data.test_speech_corpus import SHORT
+from tests.experiments.data.test_vader import make_sdist
 
 pytestmark = pytest.mark.usefixtures("xla_cache")
 

@@ -16,8 +16,9 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import pretrain_d2v, train_mtag, writers
+from experiments import pretrain_d2v, train_mtag
 from experiments.configs import d2v_vision, mtag_mosi
+from experiments.runtime import writers
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

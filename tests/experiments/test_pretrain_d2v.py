@@ -7,15 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import (
-  d2v_data,
-  d2v_loop,
-  distributed,
-  pretrain_d2v,
-  progress,
-  writers,
-)
+from experiments import d2v_loop, pretrain_d2v
 from experiments.configs import d2v_audio, d2v_text, d2v_vision
+from experiments.data import pretrain_batches as d2v_data
+from experiments.runtime import distributed, progress, writers
 
 CONFIGS = {"audio": d2v_audio, "vision": d2v_vision, "text": d2v_text}
 METRICS = (

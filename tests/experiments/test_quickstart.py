@@ -14,7 +14,7 @@ import pytest
 
 from experiments import mtag_loop, quickstart
 from tests.d2vjax.test_datasets_images import write_fashion_mnist
-from tests.experiments.test_vader import make_sdist
+from tests.experiments.data.test_vader import make_sdist
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import signal
 import numpy as np
 import pytest
 
-from experiments import mtag_loop, progress, train_mtag, writers
+from experiments import mtag_loop, train_mtag
 from experiments.configs import mtag_iemocap, mtag_mosi
+from experiments.runtime import progress, writers
 
 
 def _config(**train):

@@ -6,7 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from experiments import sentiment_sets, text_corpus
+from experiments.data import sentiment_sets, text_corpus
 from tests.d2vjax.test_datasets_text import make_debian_trees
 
 

@@ -28,7 +28,7 @@ import tarfile
 import zlib
 from typing import NamedTuple
 
-from experiments import fetch
+from experiments.data import fetch
 
 REQUIREMENT = "vaderSentiment==3.3.2"
 # The ratings archive inside the source distribution.

@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from experiments import fetch
+from experiments.data import fetch
 
 
 def test_data_dir_follows_xdg_cache_home(tmp_path, monkeypatch):

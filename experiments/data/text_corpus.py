@@ -1,9 +1,9 @@
 r"""Builds the English pretraining corpus and its byte-level BPE tokenizer.
 
-  python -m experiments.text_corpus --vocab_size=8192 --block_size=512
-  python -m experiments.text_corpus --max_words=200000   # a quick slice
+  python -m experiments.data.text_corpus --vocab_size=8192 --block_size=512
+  python -m experiments.data.text_corpus --max_words=200000   # a quick slice
 
-Fetches three Debian packages of real English (`experiments.fetch`; no
+Fetches three Debian packages of real English (`experiments.data.fetch`; no
 install), reads them with `d2vjax.datasets.text` -- GCIDE dictionary
 entries, WordNet glosses, fortunes -- shuffles the documents with the
 seed, trains a byte-level BPE tokenizer on them with HuggingFace
@@ -35,7 +35,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from d2vjax.datasets import text
-from experiments import fetch
+from experiments.data import fetch
 
 # Source name -> Debian package that holds it.
 PACKAGES = {
@@ -190,7 +190,7 @@ def build_corpus(
   """Builds (or finds) a corpus folder; returns its path.
 
   Args:
-    root: the data directory (`experiments.fetch.data_dir`).
+    root: the data directory (`experiments.data.fetch.data_dir`).
     vocab_size: tokenizer ids, specials included.
     block_size: row length of ``blocks.npy``, ``<s>`` included.
     max_words: a slice of about this many words (0 = everything).

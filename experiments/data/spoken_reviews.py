@@ -23,7 +23,7 @@ arrays for any number of worker processes. The result is cached under
 `<data_dir>/spoken_reviews/<key>` and read with
 `mtagjax.datasets.load_spoken_reviews`.
 
-  python -m experiments.spoken_reviews --data_dir=... [--limit=300]
+  python -m experiments.data.spoken_reviews --data_dir=... [--limit=300]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import scipy.fft
 from scipy import ndimage
 from tqdm import tqdm
 
-from experiments import espeak, fetch, vader
+from experiments.data import espeak, fetch, vader
 
 VERSION = 1
 SPLITS = ("train", "valid", "test")

@@ -31,7 +31,7 @@ Sources (``config.data.source``):
   ``config.data.data_dir``;
 * ``"speech"`` (audio): fixed-length random crops of real clips
   (`d2vjax.datasets.audio.CropLoader`, normalised per clip) from the sets
-  of `experiments.speech_corpus` named in ``config.data.speech_sets``
+  of `experiments.data.speech_corpus` named in ``config.data.speech_sets``
   (comma-separated: ``spoken_sentences`` -- its train split -- and/or
   ``tuxpaint``), built or found under ``config.data.data_dir``, or from
   the built folders in ``config.data.path``. Clips shorter than
@@ -39,7 +39,7 @@ Sources (``config.data.source``):
   ``min_sample_size``), so lower it for short clips (Tux Paint: about
   1.4 s);
 * ``"corpus"`` (text): RoBERTa-style blocks of real English
-  (`experiments.text_corpus`); ``config.data.path`` names a built corpus,
+  (`experiments.data.text_corpus`); ``config.data.path`` names a built corpus,
   else the one with the model's vocabulary is found or built under
   ``config.data.data_dir`` (and repacked to ``config.data.seq_len``).
   The model's ``vocab_size`` and ``mask.mask_id`` must match the
@@ -72,7 +72,7 @@ from d2vjax import masking, pretrain, speech
 from d2vjax.datasets import audio as audio_lib
 from d2vjax.datasets import images as images_lib
 from d2vjax.datasets import text as text_lib
-from experiments import fetch, speech_corpus, text_corpus
+from experiments.data import fetch, speech_corpus, text_corpus
 
 # Data source -> the modalities it serves.
 SOURCES = {

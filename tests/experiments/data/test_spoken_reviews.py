@@ -10,10 +10,10 @@ import shutil
 import numpy as np
 import pytest
 
-from experiments import espeak, vader
-from experiments import spoken_reviews as sr
+from experiments.data import espeak, vader
+from experiments.data import spoken_reviews as sr
 from mtagjax import datasets
-from tests.experiments.test_vader import MOVIE, make_sdist
+from tests.experiments.data.test_vader import MOVIE, make_sdist
 
 KEYS = ("text_ids", "tokens", "audio", "vision", "words")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from d2vjax.datasets import text
-from experiments import text_corpus
+from experiments.data import text_corpus
 from tests.d2vjax.test_datasets_text import make_debian_trees
 
 VOCAB, BLOCK = 300, 16

@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from experiments import vader
+from experiments.data import vader
 
 # (id, mean rating, text): a handful of made-up snippets, one non-ASCII.
 MOVIE = [

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from experiments import prefetch
+from experiments.runtime import prefetch
 
 
 class Recorder:

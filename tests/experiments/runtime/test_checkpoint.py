@@ -1,5 +1,5 @@
-"""Tests for `experiments.checkpoint`: round trips, sharding, retention, config
-checks and recovery from damaged checkpoints."""
+"""Tests for `experiments.runtime.checkpoint`: round trips, sharding,
+retention, config checks and recovery from damaged checkpoints."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from flax import struct
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments import checkpoint as ckpt_lib
+from experiments.runtime import checkpoint as ckpt_lib
 
 # Reading a damaged checkpoint makes tensorstore call back into an event loop
 # that orbax has already closed; Python reports it at some later garbage

@@ -13,7 +13,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-from experiments import progress, writers
+from experiments.runtime import progress, writers
 
 
 def _read_events(logdir: pathlib.Path) -> list[event_pb2.Event]:

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from d2vjax.datasets import audio
-from experiments import d2v_data, espeak
-from experiments import speech_corpus as sc
 from experiments.configs import d2v_audio
+from experiments.data import espeak
+from experiments.data import pretrain_batches as d2v_data
+from experiments.data import speech_corpus as sc
 from tests.d2vjax.test_datasets_audio import write_stamps
-from tests.experiments.test_vader import make_sdist
+from tests.experiments.data.test_vader import make_sdist
 
 SHORT = [
   ("1", "1.0", "Too tepid."),

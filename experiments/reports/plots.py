@@ -28,7 +28,7 @@ from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
-from experiments import writers  # noqa: E402
+from experiments.runtime import writers  # noqa: E402
 from mtagjax import batching  # noqa: E402
 from mtagjax import model as model_lib  # noqa: E402
 

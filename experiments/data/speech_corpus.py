@@ -1,18 +1,18 @@
 r"""Builds the speech sets of data2vec: spoken sentences and Tux Paint clips.
 
-  python -m experiments.speech_corpus --set=spoken_sentences [--limit=2000]
-  python -m experiments.speech_corpus --set=tuxpaint
+  python -m experiments.data.speech_corpus --set=spoken_sentences [--limit=2000]
+  python -m experiments.data.speech_corpus --set=tuxpaint
 
 Two sets, both cached atomically under ``<data_dir>/speech/<key>`` as 16 kHz
 int16 clips packed into one ``<split>_audio.npy`` (a memory map when
 loaded) with ``<split>.npz`` holding the offsets and per-clip fields:
 
 * ``spoken_sentences`` (synthetic audio of real text, English): the VADER
-  movie, NYT and Amazon sentences (`experiments.vader`), normalised to the
+  movie, NYT and Amazon sentences (`experiments.data.vader`), normalised to the
   letters of fairseq's LibriSpeech dictionary (`normalise_sentence`),
-  spoken by espeak-ng (`experiments.espeak`) as one of 77 speakers (7
+  spoken by espeak-ng (`experiments.data.espeak`) as one of 77 speakers (7
   accents x 11 variants, with rate and pitch drawn per utterance, as in
-  `experiments.spoken_reviews`), resampled from 22,050 Hz. espeak speaks
+  `experiments.data.spoken_reviews`), resampled from 22,050 Hz. espeak speaks
   the normalised words themselves (numbers already spelled out), so audio
   and transcript agree; splits train/valid/test are random or
   speaker-disjoint.
@@ -42,7 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from d2vjax.datasets import audio
-from experiments import espeak, fetch, spoken_reviews, vader
+from experiments.data import espeak, fetch, spoken_reviews, vader
 
 VERSION = 1
 SAMPLE_RATE = audio.SAMPLE_RATE
@@ -195,7 +195,7 @@ def load(folder: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
     have = sorted(p.stem for p in folder.glob("*.npz"))
     raise FileNotFoundError(
       f"{os.fspath(folder)}: no split {split!r} (has {have}); build it with "
-      "`python -m experiments.speech_corpus`"
+      "`python -m experiments.data.speech_corpus`"
     )
   with np.load(folder / f"{split}.npz") as z:
     out = {k: z[k] for k in z.files}

@@ -1,0 +1,1 @@
+"""Dataset fetchers and builders (cached, atomic) and batch readers."""

@@ -1,0 +1,1 @@
+"""The run layer every experiment shares: driver, checkpoints, logs, devices."""
