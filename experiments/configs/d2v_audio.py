@@ -26,9 +26,8 @@ reads real clips instead, cropped to ``config.data.num_samples``:
 """
 
 import ml_collections
-from ml_collections import config_dict
 
-from d2vjax import speech
+from experiments.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,26 +36,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant not in ("base", "tiny"):
     raise ValueError(f"unknown variant {arg!r} of d2v_audio; use base or tiny")
   c = ml_collections.ConfigDict()
+  c.task = "pretrain"
   c.modality = "audio"
 
-  c.model = ml_collections.ConfigDict()
-  c.model.conv_layers = speech.BASE_CONV_LAYERS
-  c.model.hidden = 768
-  c.model.num_layers = 12
-  c.model.heads = 12
-  c.model.mlp_dim = 3072
-  c.model.pos_kernel_size = 19  # conv_pos 95 // pos_conv_depth 5
-  c.model.pos_groups = 16
-  c.model.pos_depth = 5
-  c.model.feature_dropout_rate = 0.0  # fairseq dropout_input
-  c.model.dropout_rate = 0.1
-  c.model.attention_dropout_rate = 0.1
-  c.model.activation_dropout_rate = 0.0
-  c.model.layerdrop = 0.05
-  c.model.top_k = 8  # average_top_k_layers
-  # Compute dtype; parameters, the teacher, targets and losses stay float32.
-  c.model.dtype = "bfloat16"
-  c.model.remat = False
+  c.model = common.pretrain_model(
+    "audio",
+    feature_dropout_rate=0.0,  # fairseq dropout_input
+    dropout_rate=0.1,
+    attention_dropout_rate=0.1,
+    activation_dropout_rate=0.0,
+    layerdrop=0.05,
+    top_k=8,  # average_top_k_layers
+  )
 
   # fairseq compute_mask_indices: mask_selection static, overlaps allowed.
   c.mask = ml_collections.ConfigDict()
@@ -66,32 +57,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mask.require_same_masks = True
   c.mask.mask_dropout = 0.0
 
-  c.ema = ml_collections.ConfigDict()
-  c.ema.start = 0.999  # ema_decay
-  c.ema.end = 0.9999  # ema_end_decay
-  c.ema.anneal_steps = 30_000  # ema_anneal_end_step
+  c.ema = common.ema_config(start=0.999, end=0.9999, anneal_steps=30_000)
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.peak_lr = 5e-4
   # The tri-stage schedule warms up over 3% of the updates (12k of 400k);
-  # make_optimizer ignores warmup_steps for audio.
-  c.optim.warmup_steps = config_dict.placeholder(int)
-  c.optim.weight_decay = 0.01  # on every parameter, as fairseq v1
-  c.optim.clip_norm = 0.0  # fairseq's default: no clipping
+  # make_optimizer ignores warmup_steps for audio. Weight decay is on every
+  # parameter, as in fairseq v1; fairseq's default is no clipping.
+  c.optim = common.pretrain_optim(
+    peak_lr=5e-4, warmup_steps=None, weight_decay=0.01, clip_norm=0.0
+  )
 
-  c.train = ml_collections.ConfigDict()
-  c.train.seed = 0
   # The reference packs 3.8M samples per GPU on 16 GPUs (~63 minutes of
   # audio per update, crop-to-shortest batches). Shapes here are static:
   # 176 clips of 20 s (11 per GPU of the reference) are ~59 minutes.
-  c.train.batch_size = 176
-  c.train.steps = 400_000
-  c.train.log_every = 100
-  c.train.checkpoint_every = 5_000
-  c.train.keep_checkpoints = 3
-  # Simulated preemption for tests: checkpoint and return after this many
-  # steps of this process; 0 = never.
-  c.train.stop_after_steps = 0
+  c.train = common.train_config(batch_size=176, steps=400_000)
 
   c.data = ml_collections.ConfigDict()
   # "synthetic": generated waveforms; "speech": crops of the sets of
@@ -109,23 +87,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.path = ""
   c.data.data_dir = ""
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # devices on the data axis; -1 = all (divided by fsdp)
-  c.mesh.fsdp = 1  # devices that shard each parameter; 1 = replicate
+  # fsdp: devices that shard each parameter; 1 = replicate.
+  c.mesh = common.mesh_config(fsdp=1)
 
   if variant == "tiny":
-    c.model.conv_layers = ((16, 10, 5), (16, 3, 2))  # 800 samples: 79 frames
-    c.model.hidden, c.model.num_layers = 16, 2
-    c.model.heads, c.model.mlp_dim = 2, 32
-    c.model.pos_kernel_size, c.model.pos_groups, c.model.pos_depth = 4, 2, 2
-    c.model.top_k = 2
-    c.model.dtype = "float32"
+    common.shrink_pretraining(c)
     c.mask.mask_length = 5
-    c.ema.start, c.ema.end, c.ema.anneal_steps = 0.99, 0.999, 10
     c.optim.peak_lr = 1e-3
-    c.train.batch_size = 8
-    c.train.steps = 6
-    c.train.log_every = 1
-    c.train.checkpoint_every = 3
     c.data.num_samples = 800
   return c

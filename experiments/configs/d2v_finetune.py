@@ -58,7 +58,7 @@ the share of one group, scaled to STS-B's 0-5). Real sources:
 
 import ml_collections
 
-from d2vjax import speech
+from experiments.configs import common
 
 # split: (peak lr, updates, freeze_finetune_updates, mask_prob,
 # mask_channel_prob, layerdrop), from fairseq's base_<split>.yaml.
@@ -90,14 +90,15 @@ def _variants() -> list[str]:
   return names + [f"{t}_tiny" for t in ("speech", "image", "text")]
 
 
-def _common(task: str) -> ml_collections.ConfigDict:
+def _common(task: str, modality: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = task
+  c.modality = modality  # the encoder's
   c.init = "scratch"
 
   c.model = ml_collections.ConfigDict()
-  # Architecture, used only with init="scratch".
-  c.model.encoder = ml_collections.ConfigDict()
+  # Architecture, used only with init="scratch": the pretraining configs'.
+  c.model.encoder = common.encoder(modality)
   # Fine-tuning regularisation and compute settings, applied to the
   # encoder whatever its origin.
   c.model.overrides = ml_collections.ConfigDict()
@@ -107,19 +108,13 @@ def _common(task: str) -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict()
   c.optim.clip_norm = 0.0  # 0 = no clipping (all three recipes)
 
-  c.train = ml_collections.ConfigDict()
-  c.train.seed = 0
-  c.train.log_every = 100
-  c.train.eval_every = 1_000  # steps; the last step is always evaluated
-  c.train.checkpoint_every = 5_000
-  c.train.keep_checkpoints = 3
-  # "" = the task's metric: eval/valid/wer (min) for speech,
-  # eval/valid/accuracy (max) for classes, eval/valid/pearson (max) for
-  # regression.
-  c.train.best_metric = ""
-  # Simulated preemption for tests: checkpoint and return after this many
-  # steps of this process; 0 = never.
-  c.train.stop_after_steps = 0
+  c.train = common.train_config(
+    eval_every=1_000,  # steps; the last step is always evaluated
+    # "" = the task's metric: eval/valid/wer (min) for speech,
+    # eval/valid/accuracy (max) for classes, eval/valid/pearson (max) for
+    # regression.
+    best_metric="",
+  )
 
   c.data = ml_collections.ConfigDict()
   # "synthetic": generated examples; real ones per task: "spoken_sentences"
@@ -134,18 +129,13 @@ def _common(task: str) -> ml_collections.ConfigDict:
   c.data.path = ""
   c.data.data_dir = ""
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # devices on the data axis; -1 = all
+  c.mesh = common.mesh_config()
   return c
 
 
 def _speech(split: str) -> ml_collections.ConfigDict:
   lr, steps, freeze, mask_prob, channel_prob, layerdrop = _SPEECH_SPLITS[split]
-  c = _common("speech")
-  e = c.model.encoder
-  e.conv_layers = speech.BASE_CONV_LAYERS
-  e.hidden, e.num_layers, e.heads, e.mlp_dim = 768, 12, 12, 3072
-  e.pos_kernel_size, e.pos_groups, e.pos_depth = 19, 16, 5
+  c = _common("speech", "audio")
   o = c.model.overrides
   o.dropout_rate = 0.0
   o.attention_dropout_rate = 0.0
@@ -199,12 +189,8 @@ def _speech(split: str) -> ml_collections.ConfigDict:
 
 
 def _image() -> ml_collections.ConfigDict:
-  c = _common("image")
-  e = c.model.encoder
-  e.image_size, e.patch_size = 224, 16
-  e.hidden, e.num_layers, e.heads, e.mlp_dim = 768, 12, 12, 3072
-  e.layer_norm_eps = 1e-6
-  e.layer_scale_init = 0.1
+  c = _common("image", "vision")
+  c.model.encoder.layer_scale_init = 0.1
   o = c.model.overrides
   o.dropout_rate = 0.0
   o.attention_dropout_rate = 0.0
@@ -240,10 +226,7 @@ def _image() -> ml_collections.ConfigDict:
 
 def _text(task: str) -> ml_collections.ConfigDict:
   num_labels, lr, batch_size, steps, warmup = _GLUE_TASKS[task]
-  c = _common("text")
-  e = c.model.encoder
-  e.vocab_size, e.max_positions, e.pad_id = 50_265, 514, 1
-  e.hidden, e.num_layers, e.heads, e.mlp_dim = 768, 12, 12, 3072
+  c = _common("text", "text")
   o = c.model.overrides
   o.dropout_rate = 0.1
   o.attention_dropout_rate = 0.1
@@ -274,13 +257,11 @@ def _text(task: str) -> ml_collections.ConfigDict:
 def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config so that its run takes seconds on a CPU."""
   e, t = c.model.encoder, c.train
-  e.hidden, e.num_layers, e.heads, e.mlp_dim = 16, 2, 2, 32
+  e.update(common.encoder(c.modality, tiny=True))
   t.log_every, t.checkpoint_every = 1, 4
   c.data.num_valid = 32
-  if c.task == "speech":
-    e.conv_layers = ((16, 10, 5), (16, 3, 2))  # 10 samples per frame
-    e.num_layers = 1
-    e.pos_kernel_size, e.pos_groups, e.pos_depth = 4, 2, 1
+  if c.modality == "audio":
+    e.num_layers, e.pos_depth = 1, 1
     c.model.overrides.layerdrop = 0.0
     c.mask.mask_length = 4
     c.mask.mask_channel_length = 4  # of 16 channels
@@ -292,14 +273,13 @@ def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.letters = "ETAO"
     c.data.max_words, c.data.max_word_length = 2, 3
     c.data.max_label_length = 8
-  elif c.task == "image":
-    e.image_size, e.patch_size = 16, 4
+  elif c.modality == "vision":
     c.model.num_classes = 3
     c.optim.peak_lr = 3e-3
     c.optim.warmup_steps = 2
     t.batch_size, t.steps, t.eval_every = 16, 24, 12
   else:
-    e.vocab_size, e.max_positions, e.num_layers = 50, 40, 1
+    e.num_layers = 1
     c.optim.peak_lr = 1e-3
     c.optim.warmup_steps = 1
     t.batch_size, t.steps, t.eval_every = 8, 8, 4

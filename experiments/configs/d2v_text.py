@@ -33,6 +33,8 @@ byte-level BPE built by `experiments.data.text_corpus`, e.g. with
 
 import ml_collections
 
+from experiments.configs import common
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `arg` picks the variant ("base" or "tiny")."""
@@ -40,27 +42,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant not in ("base", "tiny"):
     raise ValueError(f"unknown variant {arg!r} of d2v_text; use base or tiny")
   c = ml_collections.ConfigDict()
+  c.task = "pretrain"
   c.modality = "text"
 
-  c.model = ml_collections.ConfigDict()
-  c.model.vocab_size = 50_265  # GPT-2 BPE in the fairseq dictionary
-  c.model.hidden = 768
-  c.model.num_layers = 12
-  c.model.heads = 12
-  c.model.mlp_dim = 3072
-  c.model.max_positions = 514  # 512 + padding id + 1
-  c.model.pad_id = 1
-  c.model.dropout_rate = 0.1
-  c.model.attention_dropout_rate = 0.1
-  c.model.activation_dropout_rate = 0.0
-  c.model.layerdrop = 0.0
-  c.model.top_k = 10
-  # False: the teacher encodes the whole original sequence (the paper);
-  # True: only the masked tokens, positions renumbered (released code).
-  c.model.teacher_sees_only_masked = False
-  # Compute dtype; parameters, the teacher, targets and losses stay float32.
-  c.model.dtype = "bfloat16"
-  c.model.remat = False
+  c.model = common.pretrain_model(
+    "text",
+    dropout_rate=0.1,
+    attention_dropout_rate=0.1,
+    activation_dropout_rate=0.0,
+    layerdrop=0.0,
+    top_k=10,
+    # False: the teacher encodes the whole original sequence (the paper);
+    # True: only the masked tokens, positions renumbered (released code).
+    teacher_sees_only_masked=False,
+  )
 
   c.mask = ml_collections.ConfigDict()
   # "span": fairseq MaskTokensDataset with the released yaml (spans of
@@ -76,27 +71,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mask.bert_leave_unmasked_prob = 0.1
   c.mask.mask_id = 50_264  # <mask>, the last entry of the dictionary
 
-  c.ema = ml_collections.ConfigDict()
-  c.ema.start = 0.999
-  c.ema.end = 0.9999
-  c.ema.anneal_steps = 300_000
+  c.ema = common.ema_config(start=0.999, end=0.9999, anneal_steps=300_000)
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.peak_lr = 2e-4
-  c.optim.warmup_steps = 10_000
-  c.optim.weight_decay = 0.01  # on every parameter, as fairseq v1
-  c.optim.clip_norm = 5.0
+  # Weight decay on every parameter, as in fairseq v1.
+  c.optim = common.pretrain_optim(
+    peak_lr=2e-4, warmup_steps=10_000, weight_decay=0.01, clip_norm=5.0
+  )
 
-  c.train = ml_collections.ConfigDict()
-  c.train.seed = 0
-  c.train.batch_size = 256  # 16 GPUs x 8192 tokens = 256 x 512
-  c.train.steps = 1_000_000
-  c.train.log_every = 100
-  c.train.checkpoint_every = 5_000
-  c.train.keep_checkpoints = 3
-  # Simulated preemption for tests: checkpoint and return after this many
-  # steps of this process; 0 = never.
-  c.train.stop_after_steps = 0
+  # 16 GPUs x 8192 tokens = 256 x 512.
+  c.train = common.train_config(batch_size=256, steps=1_000_000)
 
   c.data = ml_collections.ConfigDict()
   # "synthetic": generated token sequences (experiments.data.pretrain_batches);
@@ -118,23 +101,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.eos_id = 2
   c.data.num_special = 4  # <s>, <pad>, </s>, <unk>: never generated inside
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # devices on the data axis; -1 = all (divided by fsdp)
-  c.mesh.fsdp = 1  # devices that shard each parameter; 1 = replicate
+  # fsdp: devices that shard each parameter; 1 = replicate.
+  c.mesh = common.mesh_config(fsdp=1)
 
   if variant == "tiny":
-    c.model.vocab_size, c.model.max_positions = 50, 40
-    c.model.hidden, c.model.num_layers = 16, 2
-    c.model.heads, c.model.mlp_dim = 2, 32
-    c.model.top_k = 2
-    c.model.dtype = "float32"
+    common.shrink_pretraining(c)
     c.mask.mask_id = 49
-    c.ema.start, c.ema.end, c.ema.anneal_steps = 0.99, 0.999, 10
     c.optim.peak_lr = 1e-3
     c.optim.warmup_steps = 1
-    c.train.batch_size = 8
-    c.train.steps = 6
-    c.train.log_every = 1
-    c.train.checkpoint_every = 3
     c.data.seq_len, c.data.min_len = 24, 12
   return c

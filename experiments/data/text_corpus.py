@@ -35,7 +35,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from d2vjax.datasets import text
-from experiments.data import fetch
+from experiments.data import build_cli, fetch
 
 # Source name -> Debian package that holds it.
 PACKAGES = {
@@ -263,7 +263,8 @@ def build_corpus(
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
+  """Defines the flags of `main`; only when run as a program (`build_cli`)."""
   flags.DEFINE_string("data_dir", None, "Data directory (default: cache).")
   flags.DEFINE_integer("vocab_size", 8192, "Tokenizer ids, specials included.")
   flags.DEFINE_integer("block_size", 512, "Tokens per block, <s> included.")
@@ -271,11 +272,11 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Document shuffle.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  start = time.perf_counter()
-  path = build_corpus(
+def main(argv: Sequence[str]) -> None:
+  """Builds (or finds) the corpus; prints its summary as JSON."""
+  path, seconds = build_cli.run(
+    argv,
+    build_corpus,
     FLAGS.data_dir,
     vocab_size=FLAGS.vocab_size,
     block_size=FLAGS.block_size,
@@ -283,7 +284,7 @@ def main(argv):
     seed=FLAGS.seed,
   )
   meta = json.loads((path / "meta.json").read_text())
-  logging.info("corpus in %s (%.1f s)", path, time.perf_counter() - start)
+  logging.info("corpus in %s (%.1f s)", path, seconds)
   summary = {k: meta[k] for k in ("words", "tokens", "blocks", "vocab_size")}
   summary["seconds"] = meta["seconds"]
   summary["path"] = str(path)
@@ -291,5 +292,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   app.run(main)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from experiments.data import espeak, vader
+from experiments.data import spoken_features as sf
 from experiments.data import spoken_reviews as sr
 from mtagjax import datasets
 from tests.experiments.data.test_vader import MOVIE, make_sdist
@@ -71,16 +72,16 @@ def test_synthesize_refuses_bad_input():
 def test_features_run_at_their_frame_rates():
   rng = np.random.default_rng(0)
   wave = rng.integers(-3000, 3000, 33075).astype(np.int16)  # 1.5 s
-  audio = sr.log_mel(wave, 22050)
-  assert audio.shape == (150, sr.N_MELS) and np.all(np.isfinite(audio))
+  audio = sf.log_mel(wave, 22050)
+  assert audio.shape == (150, sf.N_MELS) and np.all(np.isfinite(audio))
   look = {"gain": [1.0] * 6, "offset": [0.0] * 6}
   events = [
     espeak.Event("phoneme", ms, -1, 0, name)
     for ms, name in ((0, "m"), (500, "'a"), (1000, "_"))
   ]
-  track = sr.articulation(events, 1500.0, look, rng)
-  assert track.shape == (45, len(sr.CHANNELS))
-  jaw, closure = (sr.CHANNELS.index(c) for c in ("jaw_open", "lip_closure"))
+  track = sf.articulation(events, 1500.0, look, rng)
+  assert track.shape == (45, len(sf.CHANNELS))
+  jaw, closure = (sf.CHANNELS.index(c) for c in ("jaw_open", "lip_closure"))
   # Lips shut for /m/, jaw open for /a/ (frames in the middle of each).
   assert track[7, closure] > 0.8 and track[7, jaw] < 0.3
   assert track[22, jaw] > 0.7 and track[22, closure] < 0.2
@@ -100,7 +101,7 @@ def test_built_set_matches_its_sources(built):
       assert d["tokens"][i] == sr.tokenize(text)
       audio, vision = d["audio"][i], d["vision"][i]
       assert audio.dtype == vision.dtype == np.float32
-      assert audio.shape[1] == 40 and vision.shape[1] == len(sr.CHANNELS)
+      assert audio.shape[1] == 40 and vision.shape[1] == len(sf.CHANNELS)
       # Same utterance, two clocks: 100 Hz and 30 fps.
       assert abs(audio.shape[0] / 100 - vision.shape[0] / 30) < 0.04
       assert d["words"][i][-1, 0] < 10 * audio.shape[0]
