@@ -69,7 +69,8 @@ class Batch(NamedTuple):
   Attributes:
     graph: the padded graphs, `[S, ...]` leaves (see the module docstring).
     features: per modality `[S, F_m, dim_m]` raw frames, in node order.
-    labels: `[S, G, *label_shape]`, zeros for padding graphs.
+    labels: `[S, G, *label_shape]`, zeros for padding graphs; float labels
+      in the batcher's dtype, integer ones int32.
     keep_counts: edges kept by each pruning: `[S, L]` (scope "batch", the
       same row in every shard: the count is global), `[S, G, L]` ("graph") or
       `[S, N, L]` ("node").
@@ -179,7 +180,8 @@ class GraphBatcher:
     batch_size: the largest number of samples a batch will hold; sets the
       per-shard graph budget `ceil(batch_size / num_shards) + 1`.
     num_shards: number of data-parallel shards (devices on the `data` axis).
-    dtype: numpy dtype of the features (float64 for x64 checks).
+    dtype: numpy dtype of the features and of float labels (float64 for
+      x64 checks); integer labels stay int32.
     sticky_budgets: never shrink the budgets below those of earlier
       batches. Padding never changes results, and with random batches the
       budgets settle within a few batches, so an epoch compiles a handful
@@ -224,7 +226,10 @@ class GraphBatcher:
         f"config.empty_samples={config.empty_samples!r}; expected 'error' "
         "or 'drop'"
       )
-    layout = config.get("backend", "segment") if layout is None else layout
+    if layout is None:
+      # Saved configs may predate the field: their default is the config
+      # module's.
+      layout = config.get("backend", config_lib.DEFAULTS.backend)
     if layout not in LAYOUTS:
       raise ValueError(
         f"layout {layout!r} (or config.backend); expected one of {LAYOUTS}"
@@ -236,7 +241,9 @@ class GraphBatcher:
     self.per_shard = -(-batch_size // num_shards)
     self._dense_nodes: list[list[int]] = []
     if layout == "dense":
-      self.num_groups = int(config.get("dense_groups", 4))
+      self.num_groups = int(
+        config.get("dense_groups", config_lib.DEFAULTS.dense_groups)
+      )
       if self.num_groups < 1:
         raise ValueError(f"config.dense_groups={self.num_groups} must be >= 1")
       num_mod = len(config.modalities)
@@ -410,18 +417,151 @@ class GraphBatcher:
     self._budgets = (frames, edges)
     total_edges = sum(b["num_edges"] for b in built)
     proto = checked[0][3]
-    padded = [self._pad(b, frames, edges, total_edges, proto) for b in built]
     if self.layout == "dense":
-      return self._densify(padded, [b["num_edges"] for b in built])
-    return _stack(padded)
+      return self._dense(built, frames, total_edges, proto)
+    return _stack(
+      [self._pad(b, frames, edges, total_edges, proto) for b in built]
+    )
 
-  def _densify(self, shards: list[Batch], real_edges: list[int]):
-    """Segment-layout shards (real edges only) to one `DenseBatch`."""
+  def _shard_parts(self, shard):
+    """One shard's samples: lengths, per-graph edge lists, frames, labels."""
     c = self.config
+    num_mod = len(c.modalities)
+    lengths = np.array([x[1] for x in shard], np.int64).reshape(-1, num_mod)
+    # Edges stay per graph, in local node ids (modalities concatenated):
+    # the segment layout maps them to flat rows, the dense one to blocks.
+    edges = [
+      graph_lib.build_edges(
+        lens, rule=c.alignment, edge_types=c.edge_types, intra=c.intra
+      )
+      for _, lens, _, _ in shard
+    ]
+    return dict(
+      lengths=lengths,
+      frames=lengths.sum(0),
+      edges=edges,
+      num_edges=int(sum(t.size for _, _, t in edges)),
+      feats=[[x[0][m] for x in shard] for m in range(num_mod)],
+      positions=[[x[2][m] for x in shard] for m in range(num_mod)],
+      labels=[x[3] for x in shard],
+    )
+
+  def _nodes(self, parts, frames, total_edges, label_proto) -> Batch:
+    """One shard without edge arrays (what both layouts share).
+
+    `graph.edges`, `senders` and `receivers` are None and `n_edge` counts
+    real edges only (0 for the padding graph).
+    """
+    c = self.config
+    num_mod = len(c.modalities)
+    num_graphs = self.per_shard + 1
+    pad_graph = num_graphs - 1
+    num_nodes = int(sum(frames))
+    lengths = parts["lengths"]
+    real = len(parts["labels"])
+
+    modality = np.repeat(np.arange(num_mod), frames).astype(np.int32)
+    position = np.zeros(num_nodes, np.int32)
+    node_graph = np.full(num_nodes, pad_graph, np.int32)
+    node_mask = np.zeros(num_nodes, bool)
+    features = []
+    for m, offset in enumerate(_offsets(frames)):
+      n = int(parts["frames"][m])
+      rows = slice(offset, offset + n)
+      node_mask[rows] = True
+      node_graph[rows] = np.repeat(np.arange(real), lengths[:, m])
+      if n:
+        position[rows] = np.concatenate(parts["positions"][m])
+      f = np.zeros((frames[m], c.feature_dims[m]), self.dtype)
+      if n:
+        f[:n] = np.concatenate(parts["feats"][m])
+      features.append(f)
+
+    n_node = np.zeros(num_graphs, np.int32)
+    n_node[:real] = lengths.sum(1)
+    n_node[pad_graph] = num_nodes - n_node.sum()
+    n_edge = np.zeros(num_graphs, np.int32)
+    n_edge[:real] = [t.size for _, _, t in parts["edges"]]
+    gmask = np.zeros(num_graphs, bool)
+    gmask[:real] = True
+
+    labels = _pad_labels(parts["labels"], num_graphs, label_proto, self.dtype)
+    scope = c.prune_scope
+    if scope == "batch":
+      keep = keep_schedule(total_edges, c.prune_keep, c.num_layers)
+    elif scope == "graph":
+      keep = keep_schedule(n_edge, c.prune_keep, c.num_layers)
+    else:
+      indegree = np.zeros(num_nodes, np.int64)
+      for rows, (_, receivers, _) in zip(
+        _node_rows(lengths, frames), parts["edges"], strict=True
+      ):
+        indegree[rows] = np.bincount(receivers, minlength=rows.size)
+      keep = keep_schedule(indegree, c.prune_keep, c.num_layers)
+
+    graph = jraph.GraphsTuple(
+      nodes=dict(
+        modality=modality, position=position, graph=node_graph, mask=node_mask
+      ),
+      edges=None,
+      senders=None,
+      receivers=None,
+      n_node=n_node,
+      n_edge=n_edge,
+      globals=dict(mask=gmask),
+    )
+    return Batch(graph, tuple(features), labels, keep)
+
+  def _pad(self, parts, frames, num_edges, total_edges, label_proto):
+    """One shard in the segment layout: `_nodes` plus padded edge lists."""
+    shard = self._nodes(parts, frames, total_edges, label_proto)
+    num_graphs = self.per_shard + 1
+    pad_graph = num_graphs - 1
+    pad_node = int(sum(frames)) - 1
+    e = parts["num_edges"]
+    senders = np.full(num_edges, pad_node, np.int32)
+    receivers = np.full(num_edges, pad_node, np.int32)
+    etype = np.zeros(num_edges, np.int32)
+    egraph = np.full(num_edges, pad_graph, np.int32)
+    if e:
+      rows = _node_rows(parts["lengths"], frames)
+      graph_edges = parts["edges"]
+      senders[:e] = np.concatenate(
+        [r[s] for r, (s, _, _) in zip(rows, graph_edges, strict=True)]
+      )
+      receivers[:e] = np.concatenate(
+        [r[d] for r, (_, d, _) in zip(rows, graph_edges, strict=True)]
+      )
+      etype[:e] = np.concatenate([t for _, _, t in graph_edges])
+      egraph[:e] = np.repeat(
+        np.arange(len(graph_edges)), [t.size for _, _, t in graph_edges]
+      )
+    emask = np.zeros(num_edges, bool)
+    emask[:e] = True
+    graph = shard.graph._replace(
+      edges=dict(type=etype, graph=egraph, mask=emask),
+      senders=senders,
+      receivers=receivers,
+      # Padding edges belong to the padding graph.
+      n_edge=np.bincount(egraph, minlength=num_graphs).astype(np.int32),
+    )
+    return shard._replace(graph=graph)
+
+  def _dense(self, built, frames, total_edges, label_proto) -> DenseBatch:
+    """The shards in the dense layout, straight from their edge lists."""
+    c = self.config
+    num_mod = len(c.modalities)
+    stacked = _stack(
+      [self._nodes(b, frames, total_edges, label_proto) for b in built]
+    )
+    # Every shard has `per_shard` slots; missing graphs have no nodes.
+    lengths = np.zeros((len(built), self.per_shard, num_mod), np.int64)
+    for s, parts in enumerate(built):
+      lengths[s, : len(parts["lengths"])] = parts["lengths"]
     # Graphs go where the (sticky) budgets already fit them, if they can.
     floor = self._dense_nodes if self.sticky_budgets else None
     members, needs = dense_layout.group_slots(
-      shards, self.num_groups, c.intra, floor
+      lengths, self.num_groups, c.intra, floor
     )
     budgets = [
       [
@@ -436,128 +576,46 @@ class GraphBatcher:
         for new, old in zip(budgets, self._dense_nodes, strict=True)
       ]
     self._dense_nodes = budgets
-    return dense_layout.build(
-      shards, real_edges, members, np.array(budgets), c.intra
+    groups = dense_layout.build_groups(
+      [b["edges"] for b in built],
+      [_node_rows(b["lengths"], frames) for b in built],
+      lengths,
+      members,
+      np.array(budgets),
+      c.intra,
     )
+    return DenseBatch(*stacked, groups)
 
-  def _shard_parts(self, shard):
-    """Concatenates one shard's samples (real nodes and edges only)."""
-    c = self.config
-    num_mod = len(c.modalities)
-    lengths = np.array([x[1] for x in shard], np.int64).reshape(-1, num_mod)
-    # starts[g, m]: first row of graph g inside modality m's block.
-    starts = np.cumsum(lengths, 0) - lengths
-    senders, receivers, types, egraph = [], [], [], []
-    for g, (_, lens, _, _) in enumerate(shard):
-      s, r, t = graph_lib.build_edges(
-        lens, rule=c.alignment, edge_types=c.edge_types, intra=c.intra
-      )
-      # Local ids (modalities concatenated) -> rows relative to each block;
-      # the block offsets are added in `_pad`, once the budgets are known.
-      lut = np.concatenate(
-        [starts[g, m] + np.arange(n) for m, n in enumerate(lens)]
-      ).astype(np.int64)
-      mod = np.repeat(np.arange(num_mod), lens)
-      senders.append((mod[s], lut[s]))
-      receivers.append((mod[r], lut[r]))
-      types.append(t)
-      egraph.append(np.full(t.shape, g, np.int32))
 
-    def cat(parts, k):
-      return np.concatenate([p[k] for p in parts]) if parts else np.zeros(0)
+def _offsets(frames: Sequence[int]) -> np.ndarray:
+  """First flat node row of each modality's block."""
+  return np.concatenate([[0], np.cumsum(frames)[:-1]]).astype(np.int64)
 
-    return dict(
-      lengths=lengths,
-      frames=lengths.sum(0),
-      num_edges=int(sum(t.size for t in types)),
-      send=(cat(senders, 0), cat(senders, 1)),
-      recv=(cat(receivers, 0), cat(receivers, 1)),
-      type=np.concatenate(types) if types else np.zeros(0, np.int32),
-      egraph=np.concatenate(egraph) if egraph else np.zeros(0, np.int32),
-      feats=[[x[0][m] for x in shard] for m in range(num_mod)],
-      positions=[[x[2][m] for x in shard] for m in range(num_mod)],
-      labels=[x[3] for x in shard],
+
+def _node_rows(lengths: np.ndarray, frames: Sequence[int]) -> list[np.ndarray]:
+  """Per graph (`lengths[g]`), the flat row of each `build_edges` node id."""
+  # starts[g, m]: first row of graph g inside modality m's block.
+  starts = _offsets(frames) + np.cumsum(lengths, 0) - lengths
+  return [
+    np.concatenate(
+      [start + np.arange(n) for start, n in zip(first, lens, strict=True)]
     )
-
-  def _pad(self, parts, frames, num_edges, total_edges, label_proto):
-    c = self.config
-    num_mod = len(c.modalities)
-    num_graphs = self.per_shard + 1
-    pad_graph = num_graphs - 1
-    offsets = np.concatenate([[0], np.cumsum(frames)[:-1]]).astype(np.int64)
-    num_nodes = int(sum(frames))
-    lengths = parts["lengths"]
-    real = len(parts["labels"])
-
-    modality = np.repeat(np.arange(num_mod), frames).astype(np.int32)
-    position = np.zeros(num_nodes, np.int32)
-    node_graph = np.full(num_nodes, pad_graph, np.int32)
-    node_mask = np.zeros(num_nodes, bool)
-    features = []
-    for m in range(num_mod):
-      n = int(parts["frames"][m])
-      rows = slice(offsets[m], offsets[m] + n)
-      node_mask[rows] = True
-      node_graph[rows] = np.repeat(np.arange(real), lengths[:, m])
-      if n:
-        position[rows] = np.concatenate(parts["positions"][m])
-      f = np.zeros((frames[m], c.feature_dims[m]), self.dtype)
-      if n:
-        f[:n] = np.concatenate(parts["feats"][m])
-      features.append(f)
-
-    e = parts["num_edges"]
-    pad_node = num_nodes - 1
-    senders = np.full(num_edges, pad_node, np.int32)
-    receivers = np.full(num_edges, pad_node, np.int32)
-    senders[:e] = offsets[parts["send"][0].astype(np.int64)] + parts["send"][1]
-    receivers[:e] = (
-      offsets[parts["recv"][0].astype(np.int64)] + parts["recv"][1]
-    )
-    etype = np.zeros(num_edges, np.int32)
-    etype[:e] = parts["type"]
-    egraph = np.full(num_edges, pad_graph, np.int32)
-    egraph[:e] = parts["egraph"]
-    emask = np.zeros(num_edges, bool)
-    emask[:e] = True
-
-    n_node = np.zeros(num_graphs, np.int32)
-    n_node[:real] = lengths.sum(1)
-    n_node[pad_graph] = num_nodes - n_node.sum()
-    n_edge = np.bincount(egraph, minlength=num_graphs).astype(np.int32)
-    gmask = np.zeros(num_graphs, bool)
-    gmask[:real] = True
-
-    labels = _pad_labels(parts["labels"], num_graphs, label_proto)
-    scope = c.prune_scope
-    if scope == "batch":
-      keep = keep_schedule(total_edges, c.prune_keep, c.num_layers)
-    elif scope == "graph":
-      keep = keep_schedule(n_edge * gmask, c.prune_keep, c.num_layers)
-    else:
-      indegree = np.bincount(receivers[:e], minlength=num_nodes)
-      keep = keep_schedule(indegree, c.prune_keep, c.num_layers)
-
-    graph = jraph.GraphsTuple(
-      nodes=dict(
-        modality=modality, position=position, graph=node_graph, mask=node_mask
-      ),
-      edges=dict(type=etype, graph=egraph, mask=emask),
-      senders=senders,
-      receivers=receivers,
-      n_node=n_node,
-      n_edge=n_edge,
-      globals=dict(mask=gmask),
-    )
-    return Batch(graph, tuple(features), labels, keep)
+    for first, lens in zip(starts, lengths, strict=True)
+  ]
 
 
-def _pad_labels(labels: list, num_graphs: int, proto: Any) -> np.ndarray:
-  """Stacks labels into `[G, *shape]`; `proto` fixes shape and dtype."""
+def _pad_labels(
+  labels: list, num_graphs: int, proto: Any, dtype: np.dtype
+) -> np.ndarray:
+  """Stacks labels into `[G, *shape]`; `proto` fixes shape and dtype.
+
+  Float labels take the features' `dtype` (an x64 loss then sees 1.8, not
+  float32's 1.7999999523); integer class labels stay int32.
+  """
   if proto is None:
-    return np.zeros((num_graphs,), np.float32)
+    return np.zeros((num_graphs,), dtype)
   proto = np.asarray(proto)
-  dtype = np.float32 if proto.dtype.kind == "f" else np.int32
+  dtype = dtype if proto.dtype.kind == "f" else np.int32
   out = np.zeros((num_graphs, *proto.shape), dtype)
   for g, x in enumerate(labels):
     x = np.asarray(x)

@@ -89,6 +89,12 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The defaults, read-only. A config saved before a field existed lacks it;
+# code reading such a field falls back to `DEFAULTS.<field>`, never to a
+# literal of its own, so every default lives in `default_config` alone.
+DEFAULTS = ml_collections.FrozenConfigDict(default_config())
+
+
 def vocab_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   """`config.vocab_sizes`, one per modality (all 0 when none is a token one).
 

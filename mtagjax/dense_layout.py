@@ -1,8 +1,9 @@
 """The block layout of the `dense` backend (host numpy).
 
-`mtagjax.batching.GraphBatcher(config, layout="dense")` builds the segment
-layout's shards first (real edges only) and turns them into a `DenseBatch`
-here. Each shard's graphs are assigned to groups of slots; inside a group
+`mtagjax.batching.GraphBatcher(config, layout="dense")` builds the flat
+nodes as for the segment layout and, here, the edge tables of a
+`DenseBatch` straight from each graph's edge list (no padded edge list is
+built). Each shard's graphs are assigned to groups of slots; inside a group
 every graph is padded, modality by modality, to the group's per-modality
 node budgets `N_m`, and its edges are stored per (receiver modality r,
 sender modality s) block:
@@ -29,7 +30,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import flax.struct
-import jax
 import jraph
 import numpy as np
 
@@ -243,12 +243,17 @@ def assign_groups(
   return groups
 
 
-def group_slots(shards, num_groups: int, intra: str, floor=None):
+def group_slots(
+  lengths: np.ndarray,
+  num_groups: int,
+  intra: str,
+  floor: np.ndarray | None = None,
+):
   """Assigns each shard's graphs to `num_groups` groups of slots.
 
   Args:
-    shards: segment-layout shards (`Batch`es without a shard axis), each
-      with `G - 1` graph slots plus a padding graph.
+    lengths: `[S, P, M]` real nodes per modality of each shard's `P` graph
+      slots (0 for slots without a graph).
     num_groups: wanted groups (at most one per slot).
     intra: as `DenseGroup.intra`.
     floor: `[groups, M]` budgets the groups already have, or None.
@@ -258,186 +263,113 @@ def group_slots(shards, num_groups: int, intra: str, floor=None):
     `[groups, M]` the largest length per modality of each group over the
     shards (its smallest possible budgets).
   """
-  per_shard = int(np.asarray(shards[0].graph.n_node).shape[0]) - 1
+  lengths = np.asarray(lengths, np.int64)
+  per_shard = lengths.shape[1]
   split = np.array_split(np.arange(per_shard), min(num_groups, per_shard))
   counts = [len(s) for s in split]
   members, needs = [], None
-  for shard in shards:
-    lengths = graph_lengths(shard, per_shard)
-    groups = assign_groups(lengths, counts, intra, floor)
-    need = np.stack([lengths[g].max(0) for g in groups])
+  for shard_lengths in lengths:
+    groups = assign_groups(shard_lengths, counts, intra, floor)
+    need = np.stack([shard_lengths[g].max(0) for g in groups])
     needs = need if needs is None else np.maximum(needs, need)
     members.append(groups)
   return members, needs
 
 
-def graph_lengths(shard, per_shard: int) -> np.ndarray:
-  """`[per_shard, M]` real nodes per modality of each graph slot."""
-  nodes = shard.graph.nodes
-  real = np.asarray(nodes["mask"])
-  num_mod = len(shard.features)
-  key = (
-    np.asarray(nodes["graph"])[real].astype(np.int64) * num_mod
-    + np.asarray(nodes["modality"])[real]
-  )
-  counts = np.bincount(key, minlength=(per_shard + 1) * num_mod)
-  return counts.reshape(per_shard + 1, num_mod)[:per_shard]
-
-
-def build(
-  shards,
-  real_edges: Sequence[int],
+def build_groups(
+  edges: Sequence[Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]],
+  node_rows: Sequence[Sequence[np.ndarray]],
+  lengths: np.ndarray,
   members: Sequence[Sequence[np.ndarray]],
   budgets: np.ndarray,
   intra: str,
-) -> DenseBatch:
-  """Segment-layout shards (real edges first) to one `DenseBatch`.
+) -> tuple[DenseGroup, ...]:
+  """Per-graph edge lists to the groups of a `DenseBatch`.
 
   Args:
-    shards: segment-layout shards, as for `group_slots`.
-    real_edges: real edge count of each shard.
+    edges: per shard, per graph `(senders, receivers, types)` as
+      `mtagjax.graph.build_edges` returns them (local node ids, modalities
+      concatenated). Edge ids count them shard-major, then graph by graph,
+      which is the segment layout's order of real edges.
+    node_rows: per shard, per graph the flat node row of each local node.
+    lengths: `[S, P, M]` nodes per modality of each graph slot, as for
+      `group_slots`.
     members: from `group_slots`.
     budgets: `[groups, M]` node budget of each group and modality (at least
       its need).
     intra: "adjacent" or "all_to_all", the graph's intra-modal edges.
 
   Returns:
-    The `DenseBatch`.
+    The groups.
   """
   if intra not in INTRA_MODES:
     raise ValueError(f"intra {intra!r}; expected one of {INTRA_MODES}")
-  if sum(real_edges) >= 2**31:
+  total_edges = sum(t.size for shard in edges for _, _, t in shard)
+  if total_edges >= 2**31:
     raise ValueError(
-      f"{sum(real_edges)} edges exceed the int32 edge ids of the dense "
-      "layout; lower the batch size"
+      f"{total_edges} edges exceed the int32 edge ids of the dense layout; "
+      "lower the batch size"
     )
   budgets = np.asarray(budgets, np.int64)
-  num_shards = len(shards)
-  num_mod = len(shards[0].features)
-  per_shard = int(np.asarray(shards[0].graph.n_node).shape[0]) - 1
+  lengths = np.asarray(lengths, np.int64)
+  num_shards, per_shard, num_mod = lengths.shape
   pad_graph = per_shard
   blocks = block_pairs(num_mod, intra)
-  pairs = [(r, s) for r, s, _ in blocks]
-  band = [b for _, _, b in blocks]
-  num_blocks = len(blocks)
-
-  def width(k, blk):
-    return 3 if band[blk] else int(budgets[k, pairs[blk][1]])
-
-  slots = [len(m) for m in members[0]]
-  # All blocks of all groups live in one flat buffer per field, so that
-  # the edges are written with one scatter; the blocks are views into it.
-  sizes = np.array(
-    [
-      [
-        num_shards * slots[k] * int(budgets[k, pairs[blk][0]]) * width(k, blk)
-        for blk in range(num_blocks)
-      ]
-      for k in range(len(slots))
-    ],
-    np.int64,
-  )
+  band = np.array([b for _, _, b in blocks])
+  # [groups, blocks]: rows and columns (entries per row) of each block.
+  height = budgets[:, [r for r, _, _ in blocks]]
+  width = np.where(band, 3, budgets[:, [s for _, s, _ in blocks]])
+  slots = np.array([len(m) for m in members[0]], np.int64)
+  # All blocks of all groups live in one flat buffer per field, so that a
+  # graph's edges are written with one scatter; the blocks are views.
+  sizes = num_shards * slots[:, None] * height * width
   starts = (np.cumsum(sizes.reshape(-1)) - sizes.reshape(-1)).reshape(
     sizes.shape
   )
   code_buf = np.full(int(sizes.sum()), -1, np.int8)
   id_buf = np.full(int(sizes.sum()), -1, np.int32)
   types = np.zeros(
-    (len(slots), num_blocks, num_shards, max(slots), TYPES_PER_BLOCK), np.int32
+    (len(slots), len(blocks), num_shards, max(slots), TYPES_PER_BLOCK),
+    np.int32,
   )
   rows = [
-    [
-      np.zeros((num_shards, slots[k], budgets[k, m]), np.int32)
-      for m in range(num_mod)
-    ]
-    for k in range(len(slots))
+    [np.zeros((num_shards, n, budgets[k, m]), np.int32) for m in range(num_mod)]
+    for k, n in enumerate(slots)
   ]
   masks = [
-    [
-      np.zeros((num_shards, slots[k], budgets[k, m]), bool)
-      for m in range(num_mod)
-    ]
-    for k in range(len(slots))
+    [np.zeros((num_shards, n, budgets[k, m]), bool) for m in range(num_mod)]
+    for k, n in enumerate(slots)
   ]
   graphs = [np.full((num_shards, n), pad_graph, np.int32) for n in slots]
-  edge_offset = 0
-  for sh, shard in enumerate(shards):
-    g = shard.graph
-    lengths = graph_lengths(shard, per_shard)
-    group_of = np.zeros(per_shard + 1, np.int64)
-    slot_of = np.zeros(per_shard + 1, np.int64)
+  first_id = 0
+  for sh in range(num_shards):
+    counts = [t.size for _, _, t in edges[sh]]
+    graph_ids = first_id + np.cumsum(counts) - counts
+    first_id += sum(counts)
     for k, mem in enumerate(members[sh]):
-      group_of[mem] = k
-      slot_of[mem] = np.arange(len(mem))
-      real = lengths[mem].sum(1) > 0
+      real = lengths[sh, mem].sum(1) > 0
       graphs[k][sh] = np.where(real, mem, pad_graph)
-    # Nodes: rows are modality-major, graph-major inside a modality and in
-    # time order inside a graph, so a node's position is its rank inside
-    # its (modality, graph) run.
-    node_graph = np.asarray(g.nodes["graph"]).astype(np.int64)
-    modality = np.asarray(g.nodes["modality"]).astype(np.int64)
-    real_rows = np.flatnonzero(np.asarray(g.nodes["mask"]))
-    run = modality[real_rows] * (per_shard + 1) + node_graph[real_rows]
-    position = np.zeros(node_graph.shape[0], np.int64)
-    position[real_rows] = np.arange(real_rows.size) - np.searchsorted(
-      run, run, side="left"
-    )
-    ng, nm = node_graph[real_rows], modality[real_rows]
-    for k in range(len(slots)):
-      sel = group_of[ng] == k
-      r = real_rows[sel]
-      for m in range(num_mod):
-        on = nm[sel] == m
-        rows[k][m][sh, slot_of[ng[sel][on]], position[r[on]]] = r[on]
-        masks[k][m][sh, slot_of[ng[sel][on]], position[r[on]]] = True
-    e = real_edges[sh]
-    if not e:
-      continue
-    eg = np.asarray(g.edges["graph"][:e]).astype(np.int64)
-    recv = np.asarray(g.receivers[:e]).astype(np.int64)
-    send = np.asarray(g.senders[:e]).astype(np.int64)
-    etype = np.asarray(g.edges["type"][:e]).astype(np.int64)
-    rm, sm = modality[recv], modality[send]
-    i, j = position[recv], position[send]
-    blk = rm * num_mod + sm
-    col = j
-    if intra == "adjacent":
-      delta = j - i
-      intra_edge = rm == sm
-      if np.any(intra_edge & (np.abs(delta) > 1)):
-        raise ValueError(
-          "an intra-modal edge links non-adjacent frames; build dense "
-          "batches with the graph's intra setting (config.intra)"
-        )
-      col = np.where(intra_edge, np.where(delta < 0, 2, delta), j)
-    # Codes: rank of each type among the types its (graph, block) holds.
-    num_types = int(etype.max()) + 1
-    present = np.zeros((per_shard + 1, num_blocks, num_types), bool)
-    present[eg, blk, etype] = True
-    rank = np.cumsum(present, -1) - 1
-    held = present.sum(-1)
-    if held.max() > TYPES_PER_BLOCK:
-      raise ValueError(
-        f"a (receiver, sender) modality block of one graph holds "
-        f"{held.max()} edge types; the dense layout takes at most "
-        f"{TYPES_PER_BLOCK} (the current, past and future relations)"
-      )
-    code = rank[eg, blk, etype].astype(np.int8)
-    gi, bi, ti = np.nonzero(present)
-    k_of, b_of = group_of[gi], slot_of[gi]
-    types[k_of, bi, sh, b_of, rank[gi, bi, ti]] = ti
-    k, b = group_of[eg], slot_of[eg]
-    n_r = budgets[k, rm]
-    w = np.where(np.array(band)[blk], 3, budgets[k, sm])
-    flat = starts[k, blk] + ((sh * np.array(slots)[k] + b) * n_r + i) * w + col
-    code_buf[flat] = code
-    id_buf[flat] = edge_offset + np.arange(e, dtype=np.int64)
-    edge_offset += e
+      for b in np.flatnonzero(real):
+        g = mem[b]
+        lens = lengths[sh, g]
+        # A graph's nodes are modality-major, in time order inside each.
+        parts = np.split(node_rows[sh][g], np.cumsum(lens)[:-1])
+        for m, part in enumerate(parts):
+          rows[k][m][sh, b, : lens[m]] = part
+          masks[k][m][sh, b, : lens[m]] = True
+        blk, row, col, code, held = _graph_entries(lens, *edges[sh][g], intra)
+        bi, ti = np.nonzero(held)
+        types[k, bi, sh, b, held[bi, ti] - 1] = ti
+        # The graph's part of block `blk` starts at `base[blk]`.
+        base = starts[k] + (sh * slots[k] + b) * height[k] * width[k]
+        flat = base[blk] + row * width[k][blk] + col
+        code_buf[flat] = code
+        id_buf[flat] = graph_ids[g] + np.arange(blk.size)
   groups = []
-  for k in range(len(slots)):
+  for k, n in enumerate(slots):
     codes, ids = [], []
-    for blk, (r, _) in enumerate(pairs):
-      shape = (num_shards, slots[k], int(budgets[k, r]), width(k, blk))
+    for blk in range(len(blocks)):
+      shape = (num_shards, n, int(height[k, blk]), int(width[k, blk]))
       view = slice(starts[k, blk], starts[k, blk] + sizes[k, blk])
       codes.append(code_buf[view].reshape(shape))
       ids.append(id_buf[view].reshape(shape))
@@ -447,24 +379,61 @@ def build(
         node_mask=tuple(masks[k]),
         graph=graphs[k],
         code=tuple(codes),
-        types=tuple(types[k, blk, :, : slots[k]] for blk in range(num_blocks)),
+        types=tuple(types[k, blk, :, :n] for blk in range(len(blocks))),
         edge_id=tuple(ids),
         intra=intra,
       )
     )
-  stacked = jax.tree.map(lambda *xs: np.stack(xs), *shards)
-  real_graph = stacked.graph.globals["mask"]
-  n_edge = np.where(real_graph, stacked.graph.n_edge, 0).astype(np.int32)
-  graph = stacked.graph._replace(
-    edges=None, senders=None, receivers=None, n_edge=n_edge
+  return tuple(groups)
+
+
+def _graph_entries(lengths, senders, receivers, etype, intra):
+  """Where one graph's edges go in its blocks, and their codes.
+
+  Args:
+    lengths: `[M]` nodes per modality.
+    senders, receivers, etype: the graph's edges (`graph.build_edges`).
+    intra: as `DenseGroup.intra`.
+
+  Returns:
+    `(block, row, column, code, held)`: per edge its block (in
+    `block_pairs` order), row (the receiver's position in its modality),
+    column (the sender's position, or its band column) and code; and
+    `[blocks, types]` the code + 1 of each type a block holds (0: none).
+  """
+  num_mod = len(lengths)
+  modality = np.repeat(np.arange(num_mod, dtype=np.int32), lengths)
+  position = np.arange(modality.size, dtype=np.int32) - np.repeat(
+    (np.cumsum(lengths) - lengths).astype(np.int32), lengths
   )
-  return DenseBatch(
-    graph,
-    stacked.features,
-    stacked.labels,
-    stacked.keep_counts,
-    tuple(groups),
-  )
+  rm, sm = modality[receivers], modality[senders]
+  row, col = position[receivers], position[senders]
+  blk = rm * num_mod + sm
+  if intra == "adjacent":
+    # Intra edges are few (about 3 per node): fix their columns only.
+    same = np.flatnonzero(rm == sm)
+    delta = col[same] - row[same]
+    if np.any(np.abs(delta) > 1):
+      raise ValueError(
+        "an intra-modal edge links non-adjacent frames; build dense "
+        "batches with the graph's intra setting (config.intra)"
+      )
+    # Band columns follow `BAND_OFFSETS`: self, next, previous.
+    col[same] = np.where(delta < 0, 2, delta)
+  # Codes: rank of each type among the types its block holds.
+  num_types = int(etype.max()) + 1
+  key = blk * num_types + etype
+  present = np.zeros((num_mod * num_mod, num_types), bool)
+  present.reshape(-1)[key] = True
+  if present.sum(-1).max() > TYPES_PER_BLOCK:
+    raise ValueError(
+      f"a (receiver, sender) modality block of one graph holds "
+      f"{present.sum(-1).max()} edge types; the dense layout takes at most "
+      f"{TYPES_PER_BLOCK} (the current, past and future relations)"
+    )
+  held = np.cumsum(present, -1) * present
+  code = (held - 1).astype(np.int8).reshape(-1)[key]
+  return blk, row, col, code, held
 
 
 def to_edge_list(

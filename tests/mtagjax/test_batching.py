@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtagjax import batching
+from mtagjax import config as config_lib
 from mtagjax import graph as graph_lib
 from mtagjax import model as model_lib
 from mtagjax.batching import GraphBatcher, Sample, bucket_size
@@ -206,7 +207,7 @@ def check_batch(batch, samples, batcher):
       want = np.asarray([x.label for x in shard]).reshape(
         -1, *np.shape(labels[0])
       )
-      # Float labels are stored as float32, integer ones as int32.
+      # Float labels are stored in the batcher's dtype, integer ones as int32.
       want = want.astype(batch.labels.dtype)
       np.testing.assert_array_equal(batch.labels[s, :real], want)
       assert not batch.labels[s, real:].any()
@@ -774,6 +775,36 @@ def test_bad_batcher_settings(overrides, kwargs, pattern):
   c = small_config(**overrides)
   with pytest.raises(ValueError, match=pattern):
     GraphBatcher(c, **{"batch_size": 2, **kwargs})
+
+
+@pytest.mark.parametrize("layout", batching.LAYOUTS)
+def test_float_labels_follow_the_batcher_dtype(layout):
+  # A MOSI label of 1.8 must stay 1.8 in an x64 run (float32 would make it
+  # 1.7999999523, and an x64 loss 4e-8 off the official one).
+  rng = np.random.default_rng(0)
+  c = small_config()
+  samples = [make_sample(rng, c, [3, 2, 1], label=1.8)] * 2
+  with jax.enable_x64(True):
+    batch = GraphBatcher(c, batch_size=2, dtype=np.float64, layout=layout)(
+      samples
+    )
+    labels = np.asarray(jax.device_put(batch.labels))
+  assert labels.dtype == np.float64
+  np.testing.assert_array_equal(labels[0, :2], [1.8, 1.8])
+  single = GraphBatcher(c, batch_size=2, layout=layout)(samples)
+  assert single.labels.dtype == np.float32
+  assert single.labels[0, 0] == np.float32(1.8)
+
+
+def test_config_without_layout_fields_takes_the_config_defaults():
+  # Configs saved before `backend` and `dense_groups` existed still build
+  # batches, with the defaults of `mtagjax.config` (not a second copy).
+  c = small_config()
+  del c["backend"]
+  assert GraphBatcher(c, batch_size=2).layout == config_lib.DEFAULTS.backend
+  del c["dense_groups"]
+  dense = GraphBatcher(c, batch_size=16, layout="dense")
+  assert dense.num_groups == default_config().dense_groups
 
 
 def test_label_shape_mismatch():

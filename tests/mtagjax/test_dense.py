@@ -356,6 +356,127 @@ def test_dense_batch_layout_covers_every_edge_once(intra):
       )
 
 
+def dense_from_segment(seg, den):
+  """The `DenseBatch` the segment batch `seg` implies, built with loops.
+
+  `seg` holds the same samples as `den`, which gives the slots and budgets.
+  """
+  g = seg.graph
+  node_mask, egraph = np.asarray(g.nodes["mask"]), g.edges["graph"]
+  # Node rows per (shard, graph, modality), in time order, and back.
+  rows = {}
+  for s, row in zip(*np.nonzero(node_mask), strict=True):
+    key = (s, g.nodes["graph"][s, row], g.nodes["modality"][s, row])
+    rows.setdefault(key, []).append(row)
+  where = {}
+  for (s, _, m), run in rows.items():
+    where.update({(s, row): (m, i) for i, row in enumerate(run)})
+  first_id = np.cumsum([0, *np.asarray(g.edges["mask"]).sum(1)])
+  groups = []
+  for grp in den.groups:
+    pairs = grp.pairs()
+    code = [np.full(c.shape, -1, np.int8) for c in grp.code]
+    types = [np.zeros(t.shape, np.int32) for t in grp.types]
+    edge_id = [np.full(i.shape, -1, np.int32) for i in grp.edge_id]
+    node_rows = [np.zeros(r.shape, np.int32) for r in grp.rows]
+    mask = [np.zeros(r.shape, bool) for r in grp.rows]
+    for s, b in np.ndindex(grp.graph.shape):
+      graph = grp.graph[s, b]
+      for m in range(len(grp.rows)):
+        got = rows.get((s, graph, m), [])
+        node_rows[m][s, b, : len(got)] = got
+        mask[m][s, b, : len(got)] = True
+      entries = {}
+      for e in np.flatnonzero(g.edges["mask"][s] & (egraph[s] == graph)):
+        r, i = where[s, g.receivers[s, e]]
+        m, j = where[s, g.senders[s, e]]
+        col = dense_layout.BAND_OFFSETS.index(j - i) if grp.is_band(r, m) else j
+        blk = pairs.index((r, m))
+        entries.setdefault(blk, []).append((i, col, g.edges["type"][s, e], e))
+      for blk, edges in entries.items():
+        held = sorted({t for _, _, t, _ in edges})
+        types[blk][s, b, : len(held)] = held
+        for i, col, t, e in edges:
+          code[blk][s, b, i, col] = held.index(t)
+          edge_id[blk][s, b, i, col] = first_id[s] + e
+    groups.append(
+      grp.replace(
+        rows=tuple(node_rows),
+        node_mask=tuple(mask),
+        code=tuple(code),
+        types=tuple(types),
+        edge_id=tuple(edge_id),
+      )
+    )
+  n_edge = np.where(g.globals["mask"], g.n_edge, 0).astype(np.int32)
+  graph = g._replace(edges=None, senders=None, receivers=None, n_edge=n_edge)
+  return dense_layout.DenseBatch(
+    graph, seg.features, seg.labels, seg.keep_counts, tuple(groups)
+  )
+
+
+@pytest.mark.parametrize(
+  "overrides,shards",
+  [
+    (dict(prune_scope="node"), 1),
+    (dict(intra="all_to_all", prune_scope="graph"), 2),
+    (dict(edge_types="none", alignment="paper", dense_groups=2), 3),
+    (
+      dict(vocab_sizes=(0, 7, 0), feature_dims=(3, 1, 2), intra="all_to_all"),
+      2,
+    ),
+    (dict(modalities=("a", "b"), feature_dims=(3, 4), dense_groups=1), 2),
+  ],
+  ids=["node", "all_to_all", "none_paper", "tokens", "two_modalities"],
+)
+def test_dense_batch_is_the_segment_batch_bit_for_bit(overrides, shards):
+  # The dense batch is built from the graphs' edge lists, not from a
+  # segment batch; it must hold exactly what the segment batch implies:
+  # every leaf, dtype and shape, edge ids in segment order (the tie order
+  # of pruning), over batches of several sizes and sticky budgets.
+  c = small_config(**overrides)
+  num_mod = len(c.modalities)
+  rng = np.random.default_rng(10)
+  kw = dict(batch_size=7, num_shards=shards)
+  seg_batcher = batching.GraphBatcher(c, layout="segment", **kw)
+  den_batcher = batching.GraphBatcher(c, layout="dense", **kw)
+  for size in (7, 3, 5):
+    lengths = [
+      [int(n) for n in rng.integers(0, 10, num_mod)] for _ in range(size)
+    ]
+    lengths[0][0] = lengths[0][0] or 1  # never all modalities empty
+    lengths = [ls if any(ls) else [1] * num_mod for ls in lengths]
+    samples = make_samples(rng, c, lengths)
+    if c.vocab_sizes[1]:
+      for x in samples:
+        x.features[1] = rng.integers(0, 7, (len(x.features[1]), 1)) * 1.0
+    floor = den_batcher.dense_budgets
+    seg, den = seg_batcher(samples), den_batcher(samples)
+    want = dense_from_segment(seg, den)
+    got_leaves = jax.tree_util.tree_leaves_with_path(den)
+    want_leaves = jax.tree_util.tree_leaves_with_path(want)
+    assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves]
+    for (path, got), (_, leaf) in zip(got_leaves, want_leaves, strict=True):
+      assert got.dtype == leaf.dtype, path
+      np.testing.assert_array_equal(got, leaf, str(path))
+    # Slots hold the graphs the grouping gives the segment batch's lengths.
+    counts = np.zeros((shards, kw["batch_size"] // shards + 2, num_mod), int)
+    nodes = seg.graph.nodes
+    for s, row in zip(*np.nonzero(nodes["mask"]), strict=True):
+      counts[s, nodes["graph"][s, row], nodes["modality"][s, row]] += 1
+    per_shard = den_batcher.per_shard
+    members, _ = dense_layout.group_slots(
+      counts[:, :per_shard], c.dense_groups, c.intra, floor
+    )
+    for k, grp in enumerate(den.groups):
+      for s in range(shards):
+        mem = members[s][k]
+        real = counts[s, mem].sum(1) > 0
+        np.testing.assert_array_equal(
+          grp.graph[s], np.where(real, mem, per_shard)
+        )
+
+
 def test_group_assignment_is_a_partition_no_worse_than_sorting():
   rng = np.random.default_rng(11)
   lengths = np.stack(
