@@ -149,9 +149,9 @@ def jax_step(config, batch) -> tuple[Callable[[], None], dict]:
   import jax
 
   from d2vjax import pretrain
-  from experiments import d2v_loop
+  from experiments.tasks import pretrain as pretrain_task
 
-  model, tx, ema, init = d2v_loop.build(config)
+  model, tx, ema, init = pretrain_task.build(config)
   state = jax.jit(init)(jax.random.key(config.train.seed))
   params = sum(x.size for x in jax.tree.leaves(state.params))
   batch = jax.device_put(batch)
@@ -380,12 +380,12 @@ def worker(case: dict) -> None:
   from), and then the timed steps run: all JAX steps then all torch steps,
   or alternating with `alternate`.
   """
-  from experiments import d2v_data
+  from experiments.data import pretrain_batches
 
   load_start = _load()
   config = make_config(case)
   start = time.perf_counter()
-  batch = d2v_data.batch_at(config, 0)
+  batch = pretrain_batches.batch_at(config, 0)
   info = dict(case, **_shape_info(config, batch))
   info["batch_host_s"] = round(time.perf_counter() - start, 3)
   info["load_avg_start"] = load_start

@@ -163,7 +163,7 @@ def _loop(args, c, model, tx, state) -> None:
   """
   import jax
 
-  from experiments import prefetch
+  from experiments.runtime import prefetch
   from mtagjax import batching, train
 
   rng = np.random.default_rng(args.seed + 2)

@@ -42,35 +42,15 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from d2vjax.datasets import images as images_lib
-from experiments import d2v_loop, mtag_loop
 from experiments.configs import d2v_vision, mtag_spoken
-from experiments.data import fetch
-from experiments.data import pretrain_batches as d2v_data
+from experiments.data import fetch, mtag_samples, pretrain_batches
 from experiments.reports import plots
-from experiments.runtime import checkpoint as ckpt_lib
-from experiments.runtime import writers
+from experiments.runtime import cli, writers
+from experiments.tasks import mtag as mtag_task
+from experiments.tasks import pretrain as pretrain_task
 from mtagjax import datasets
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-  "output_dir",
-  None,
-  "Folder for everything written (default: a fresh "
-  "outputs/quickstart-<time> under the current directory).",
-)
-flags.DEFINE_string("data_dir", None, "Data directory (default: the cache).")
-flags.DEFINE_string(
-  "vader_archive",
-  None,
-  "A vaderSentiment sdist to build from instead of the published one.",
-)
-flags.DEFINE_string(
-  "fashion_mnist_path",
-  None,
-  "A folder of Fashion-MNIST IDX files instead of the Debian package.",
-)
-flags.DEFINE_bool("tiny", False, "Seconds-long sizes everywhere (for tests).")
-flags.DEFINE_integer("seed", 0, "Seed of the data slice, inits and order.")
 
 METRICS = ("acc2", "f1", "acc7", "mae", "corr")
 PER_MODALITY = ("feature_dims", "padded_lengths", "vocab_sizes")
@@ -124,24 +104,6 @@ def _test_metrics(workdir: pathlib.Path) -> dict[str, float]:
   return {k: test[-1][f"eval/test/{k}"] for k in METRICS}
 
 
-def _best_state(config, workdir, state):
-  abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-    state,
-  )
-  t = config.train
-  with ckpt_lib.Checkpointer(
-    workdir,
-    config,
-    keep=t.keep_checkpoints,
-    best_metric=t.best_metric,
-    best_mode=t.best_mode,
-    ignore_fields=mtag_loop.RESUMABLE_FIELDS,
-  ) as checkpoints:
-    best = checkpoints.restore_best(abstract)
-  return state if best is None else best[0]
-
-
 def _pick_sentence(tokens: Sequence[list[str]]) -> int:
   """A short test sentence (a readable figure) that still has some words."""
   lengths = np.asarray([len(t) for t in tokens])
@@ -160,17 +122,19 @@ def run_mtag(
   for name, config in configs.items():
     workdir = out / ("mtag" if "+" in name else "mtag_text_only")
     print(f"\n== {name}: training on SpokenReviews -> {workdir}", flush=True)
-    state = mtag_loop.train_and_evaluate(config, str(workdir))
-    states[name] = _best_state(config, str(workdir), state)
+    state = cli.run(config, str(workdir))
+    states[name] = mtag_task.best_state(config, str(workdir), state)
     results[name] = _test_metrics(workdir)
     workdirs[name] = workdir
   files = {"curves": str(out / "mtag_curves.png")}
   plots.training_curves(workdirs, files["curves"])
 
   name, config = next(iter(configs.items()))
-  raw = datasets.load_spoken_reviews(mtag_loop.spoken_reviews_path(config.data))
+  raw = datasets.load_spoken_reviews(
+    mtag_samples.spoken_reviews_path(config.data)
+  )
   k = _pick_sentence(raw["test"]["tokens"])
-  sample = mtag_loop.load_data(config)["test"][k]
+  sample = mtag_samples.load_data(config)["test"][k]
   state = states[name]
   graph = plots.graph_attention(
     {"params": state.params, **state.constants}, config.model, sample
@@ -247,9 +211,11 @@ def run_d2v(
   config = d2v_config(tiny=tiny, path=path, data_dir=data_dir, seed=seed)
   workdir = out / "d2v"
   print(f"\n== data2vec: pretraining on Fashion-MNIST -> {workdir}")
-  state = d2v_loop.pretrain(config, str(workdir))
+  state = cli.run(config, str(workdir))
   if not path:
-    path = fetch.apt_package(d2v_data.FASHION_MNIST_PACKAGE, data_dir or None)
+    path = fetch.apt_package(
+      pretrain_batches.FASHION_MNIST_PACKAGE, data_dir or None
+    )
   splits = images_lib.load_fashion_mnist(path)
   # Probe on a train slice and the whole test split.
   sizes = {"train": 24 if tiny else 5000, "test": None}
@@ -259,7 +225,7 @@ def run_d2v(
     for s, n in sizes.items()
     for x, y in [splits[s]]
   }
-  model, _, _, init = d2v_loop.build(config)
+  model, _, _, init = pretrain_task.build(config)
   random = init(jax.random.key(seed + 1)).params["encoder"]
   out_acc = {}
   for name, params in (
@@ -379,6 +345,29 @@ def run(
   return results
 
 
+def define_flags() -> None:
+  """The job's flags; defined when run as a program, not on import."""
+  flags.DEFINE_string(
+    "output_dir",
+    None,
+    "Folder for everything written (default: a fresh "
+    "outputs/quickstart-<time> under the current directory).",
+  )
+  flags.DEFINE_string("data_dir", None, "Data directory (default: the cache).")
+  flags.DEFINE_string(
+    "vader_archive",
+    None,
+    "A vaderSentiment sdist to build from instead of the published one.",
+  )
+  flags.DEFINE_string(
+    "fashion_mnist_path",
+    None,
+    "A folder of Fashion-MNIST IDX files instead of the Debian package.",
+  )
+  flags.DEFINE_bool("tiny", False, "Seconds-long sizes everywhere (for tests).")
+  flags.DEFINE_integer("seed", 0, "Seed of the data slice, inits and order.")
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -396,4 +385,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

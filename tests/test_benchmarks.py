@@ -3,7 +3,7 @@
 import pytest
 
 from benchmarks import accel, d2v_step
-from experiments.data import pretrain_batches as d2v_data
+from experiments.data import pretrain_batches
 
 
 def _flops(modality: str, batch: int = 1) -> float:
@@ -16,7 +16,7 @@ def _flops(modality: str, batch: int = 1) -> float:
     audio_seconds=15.0,
   )
   config = d2v_step.make_config(case)
-  return accel.d2v_model_flops(config, d2v_data.batch_at(config, 0))
+  return accel.d2v_model_flops(config, pretrain_batches.batch_at(config, 0))
 
 
 def test_vit_base_forward_matches_the_published_count():

@@ -135,7 +135,7 @@ def _common(task: str, modality: str) -> ml_collections.ConfigDict:
 
 def _speech(split: str) -> ml_collections.ConfigDict:
   lr, steps, freeze, mask_prob, channel_prob, layerdrop = _SPEECH_SPLITS[split]
-  c = _common("speech", "audio")
+  c = _common("ctc", "audio")
   o = c.model.overrides
   o.dropout_rate = 0.0
   o.attention_dropout_rate = 0.0
@@ -189,7 +189,7 @@ def _speech(split: str) -> ml_collections.ConfigDict:
 
 
 def _image() -> ml_collections.ConfigDict:
-  c = _common("image", "vision")
+  c = _common("image_classification", "vision")
   c.model.encoder.layer_scale_init = 0.1
   o = c.model.overrides
   o.dropout_rate = 0.0
@@ -226,7 +226,7 @@ def _image() -> ml_collections.ConfigDict:
 
 def _text(task: str) -> ml_collections.ConfigDict:
   num_labels, lr, batch_size, steps, warmup = _GLUE_TASKS[task]
-  c = _common("text", "text")
+  c = _common("text_classification", "text")
   o = c.model.overrides
   o.dropout_rate = 0.1
   o.attention_dropout_rate = 0.1

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -42,46 +42,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-CONFIG_FILENAME = "config.json"
+from experiments.runtime import run_config
+
+CONFIG_FILENAME = run_config.CONFIG_FILENAME
 CHECKPOINTS_DIRNAME = "checkpoints"
 BEST_DIRNAME = "best"
 BROKEN_DIRNAME = "broken"
 
 _ITEMS = ("state", "extra")
-_ABSENT = object()
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """Flattens nested JSON dicts to ``{"model.hidden": 64, ...}``."""
-  if not isinstance(tree, dict) or not tree:
-    return {prefix: tree}
-  flat = {}
-  for key, value in tree.items():
-    flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-  return flat
-
-
-def _ignored(path: str, ignore_fields: Sequence[str]) -> bool:
-  # Ignoring a sub-config ignores everything below it.
-  return any(path == f or path.startswith(f + ".") for f in ignore_fields)
-
-
-def _first_difference(
-  saved: Any, current: Any, ignore_fields: Sequence[str]
-) -> tuple[str, Any, Any] | None:
-  """Returns ``(path, saved_value, current_value)`` of the first mismatch."""
-  saved, current = _flatten(saved), _flatten(current)
-  for path in sorted(saved.keys() | current.keys()):
-    if _ignored(path, ignore_fields):
-      continue
-    old, new = saved.get(path, _ABSENT), current.get(path, _ABSENT)
-    if old != new:
-      return path, old, new
-  return None
-
-
-def _show(value: Any) -> str:
-  return "<absent>" if value is _ABSENT else json.dumps(value)
 
 
 class Checkpointer:
@@ -114,6 +82,7 @@ class Checkpointer:
     best_metric: str | None = None,
     best_mode: str = "min",
     ignore_fields: Sequence[str] = (),
+    upgrade: Callable[[dict], dict] | None = None,
   ) -> None:
     """Opens (or starts) the run in `workdir`.
 
@@ -129,6 +98,9 @@ class Checkpointer:
       ignore_fields: dotted config paths (``"num_epochs"``,
         ``"train.num_epochs"``) that may differ from the saved config, e.g.
         to train a finished run for longer. A path covers its sub-fields.
+      upgrade: maps a saved config (parsed JSON) to how today's configs
+        spell it, before the comparison: workdirs written before a field
+        was added or renamed still resume.
 
     Raises:
       ValueError: if `workdir` holds a run whose config differs from `config`
@@ -144,7 +116,9 @@ class Checkpointer:
     # Steps that failed to restore in this process; see `_set_aside`.
     self._broken: set[int] = set()
     self._barriers = 0
-    self._check_config(config, tuple(ignore_fields))
+    run_config.check_or_write(
+      self._workdir, config, tuple(ignore_fields), upgrade
+    )
 
     # The two managers save the same step concurrently; in a multi-process
     # run their barriers must have distinct names, or one manager's barrier
@@ -185,32 +159,6 @@ class Checkpointer:
       if step is not None:
         value = (self._best.metrics(step) or {}).get(best_metric)
         self._best_value = None if value is None else float(value)
-
-  # -- config ---------------------------------------------------------------
-
-  def _check_config(
-    self, config: ml_collections.ConfigDict, ignore_fields: Sequence[str]
-  ) -> None:
-    text = config.to_json_best_effort(sort_keys=True)
-    path = self._workdir / CONFIG_FILENAME
-    if path.exists():
-      saved = json.loads(path.read_text())
-      # Compare parsed JSON on both sides, so tuples and lists, or key order,
-      # do not count as differences.
-      diff = _first_difference(saved, json.loads(text), ignore_fields)
-      if diff is not None:
-        field, old, new = diff
-        raise ValueError(
-          f"workdir {self._workdir} holds a run with config.{field}="
-          f"{_show(old)}; this run has {_show(new)}: use a new workdir"
-        )
-    elif jax.process_index() == 0:
-      self._workdir.mkdir(parents=True, exist_ok=True)
-      # Write then rename, so other processes (and a crash) never see a
-      # half-written file.
-      tmp = path.parent / (path.name + ".tmp")
-      tmp.write_text(text)
-      tmp.rename(path)
 
   # -- saving ---------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -106,3 +106,22 @@ def from_global(batch: Any, sharding: NamedSharding) -> Any:
   lo, hi = process_rows(sharding, size)
   local = jax.tree.map(lambda x: np.asarray(x)[lo:hi], batch)
   return from_process_rows(local, sharding, size)
+
+
+class ProcessRows(NamedTuple):
+  """A batch of which this process built only its own rows.
+
+  Its leading axis holds the rows `process_rows` names; `place` joins the
+  processes' slices into global arrays. A plain pytree is a batch every
+  process built whole.
+  """
+
+  rows: Any
+  global_size: int
+
+
+def place(batch: Any, sharding: NamedSharding) -> Any:
+  """A host batch (whole, or `ProcessRows`) as global arrays on `sharding`."""
+  if isinstance(batch, ProcessRows):
+    return from_process_rows(batch.rows, sharding, batch.global_size)
+  return from_global(batch, sharding)

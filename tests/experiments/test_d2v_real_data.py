@@ -8,8 +8,7 @@ import pytest
 from d2vjax.datasets import text
 from experiments import pretrain_d2v
 from experiments.configs import d2v_text, d2v_vision
-from experiments.data import pretrain_batches as d2v_data
-from experiments.data import text_corpus
+from experiments.data import pretrain_batches, text_corpus
 from experiments.runtime import writers
 from tests.d2vjax.test_datasets_images import write_fashion_mnist
 from tests.d2vjax.test_datasets_text import make_debian_trees
@@ -52,25 +51,25 @@ def _text(corpus_dir):
 
 def test_fashion_mnist_batches(fashion_dir):
   c = _vision(fashion_dir)
-  batch = d2v_data.batch_at(c, 2)
+  batch = pretrain_batches.batch_at(c, 2)
   assert batch["inputs"].shape == (8, 16, 16, 3)
   assert batch["inputs"].dtype == np.float32
   assert batch["mask"].shape == (8, 16)
-  again = d2v_data.batch_at(c, 2)
+  again = pretrain_batches.batch_at(c, 2)
   np.testing.assert_array_equal(batch["inputs"], again["inputs"])
-  part = d2v_data.batch_at(c, 2, rows=(4, 8))
+  part = pretrain_batches.batch_at(c, 2, rows=(4, 8))
   np.testing.assert_array_equal(part["inputs"], batch["inputs"][4:])
   np.testing.assert_array_equal(part["mask"], batch["mask"][4:])
   # The synthetic source draws different inputs with the same masks.
   c.data.source = "synthetic"
-  synthetic = d2v_data.batch_at(c, 2)
+  synthetic = pretrain_batches.batch_at(c, 2)
   np.testing.assert_array_equal(synthetic["mask"].sum(1), batch["mask"].sum(1))
 
 
 def test_corpus_batches(corpus_dir):
   c = _text(corpus_dir)
   blocks = text.load_corpus(corpus_dir)["blocks"]
-  batch = d2v_data.batch_at(c, 1)
+  batch = pretrain_batches.batch_at(c, 1)
   assert batch["inputs"].shape == (8, 24)
   assert batch["attention_mask"].all()  # packed blocks hold no padding
   rows = {tuple(r) for r in np.asarray(blocks)}
@@ -80,11 +79,11 @@ def test_corpus_batches(corpus_dir):
   np.testing.assert_array_equal(
     batch["inputs"][~batch["mask"]], batch["targets_ids"][~batch["mask"]]
   )
-  part = d2v_data.batch_at(c, 1, rows=(2, 6))
+  part = pretrain_batches.batch_at(c, 1, rows=(2, 6))
   np.testing.assert_array_equal(part["inputs"], batch["inputs"][2:6])
   # Another length repacks the stored token stream.
   c.data.seq_len = 12
-  short = d2v_data.batch_at(c, 0)
+  short = pretrain_batches.batch_at(c, 0)
   assert short["inputs"].shape == (8, 12)
   assert (short["targets_ids"][:, 0] == text.BOS_ID).all()
 
@@ -93,22 +92,22 @@ def test_mismatched_vocabulary_fails_naming_the_field(corpus_dir):
   c = _text(corpus_dir)
   c.model.vocab_size, c.mask.mask_id = 50, 49
   with pytest.raises(ValueError, match="config.model.vocab_size=50"):
-    d2v_data.batch_at(c, 0)
+    pretrain_batches.batch_at(c, 0)
   c = _text(corpus_dir)
   c.mask.mask_id = 4
   with pytest.raises(ValueError, match="config.mask.mask_id=4"):
-    d2v_data.batch_at(c, 0)
+    pretrain_batches.batch_at(c, 0)
 
 
 def test_source_must_serve_the_modality(fashion_dir):
   c = d2v_text.get_config("tiny")
   c.data.source = "fashion_mnist"
   with pytest.raises(ValueError, match=r"does not serve text.*'corpus'"):
-    d2v_data.batch_at(c, 0)
+    pretrain_batches.batch_at(c, 0)
   c = _vision(fashion_dir)
   c.data.split = "valid"
   with pytest.raises(ValueError, match="config.data.split='valid'"):
-    d2v_data.batch_at(c, 0)
+    pretrain_batches.batch_at(c, 0)
 
 
 def test_pretraining_runs_on_fashion_mnist_files(fashion_dir, tmp_path):

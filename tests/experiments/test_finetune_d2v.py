@@ -14,10 +14,12 @@ import pytest
 from flax import traverse_util
 
 from d2vjax import convert
-from experiments import d2v_loop, finetune_d2v, finetune_data, finetune_loop
+from experiments import finetune_d2v, tasks
 from experiments.configs import d2v_finetune, d2v_vision
 from experiments.runtime import checkpoint as ckpt_lib
-from experiments.runtime import progress, writers
+from experiments.runtime import driver, progress, writers
+from experiments.runtime import mesh as mesh_lib
+from experiments.tasks import base, ctc, finetune, pretrain
 
 FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "d2v"
 TASKS = ("speech", "image", "text")
@@ -32,6 +34,16 @@ def _config(task, **train):
   for k, v in train.items():
     setattr(c.train, k, v)
   return c
+
+
+def _mesh(c):
+  return mesh_lib.make_mesh(c, c.train.batch_size)
+
+
+def task_with_encoder(c):
+  """The config's task and its encoder, to look at batches without a run."""
+  encoder, _ = finetune.load_encoder(c, _mesh(c))
+  return tasks.get(c.task)(c, encoder)
 
 
 def _records(workdir):
@@ -69,7 +81,7 @@ def test_tiny_task_trains_evaluates_and_keeps_the_best(runs, task):
   losses = _train_losses(workdir)
   assert sorted(losses) == list(range(1, c.train.steps + 1))
   assert all(np.isfinite(v) for v in losses.values())
-  metric, _ = finetune_loop.best_metric(c)
+  metric, _ = tasks.create(c).best_metric
   evals = [r for r in _records(workdir) if metric in r]
   assert [r["step"] for r in evals] == list(
     range(c.train.eval_every, c.train.steps + 1, c.train.eval_every)
@@ -83,9 +95,8 @@ def test_tiny_task_trains_evaluates_and_keeps_the_best(runs, task):
 def test_image_accuracy_beats_chance(runs):
   workdir, _ = runs("image")
   c = _config("image")
-  encoder, _ = finetune_loop.load_encoder(c, finetune_loop.make_mesh(c))
   labels = np.concatenate(
-    [b["labels"] for b in finetune_data.valid_batches(c, encoder)]
+    [b["labels"] for b in task_with_encoder(c).valid_batches()]
   )[: c.data.num_valid]
   majority = np.bincount(labels).max() / labels.size
   final = [r for r in _records(workdir) if "eval/valid/accuracy" in r][-1]
@@ -142,7 +153,7 @@ def test_speech_freezes_the_cnn_and_at_first_the_encoder(runs):
     state,
   )
   with ckpt_lib.Checkpointer(
-    workdir, c, ignore_fields=finetune_loop.RESUMABLE_FIELDS
+    workdir, c, ignore_fields=base.RESUMABLE_FIELDS
   ) as checkpoints:
     earlier, _, _ = checkpoints.restore(abstract, step=c.train.checkpoint_every)
   before = traverse_util.flatten_dict(jax.device_get(earlier.params))
@@ -156,16 +167,15 @@ def test_speech_freezes_the_cnn_and_at_first_the_encoder(runs):
 @pytest.mark.parametrize("task", TASKS)
 def test_batches_are_a_function_of_seed_and_step(task):
   c = _config(task)
-  encoder, _ = finetune_loop.load_encoder(c, finetune_loop.make_mesh(c))
-  first, again, later = (
-    finetune_data.batch_at(c, encoder, step) for step in (3, 3, 4)
-  )
+  task = task_with_encoder(c)
+  encoder = task.encoder
+  first, again, later = (task.batch_at(step) for step in (3, 3, 4))
   assert first.keys() == again.keys() == later.keys()
   for key, value in first.items():
     np.testing.assert_array_equal(value, again[key], err_msg=key)
   assert any(not np.array_equal(v, later[k]) for k, v in first.items())
   if task == "speech":
-    padding = finetune_data.frame_padding(c, encoder, first["attention_mask"])
+    padding = ctc.frame_padding(c, encoder, first["attention_mask"])
     assert padding.any() and first["time_mask"].any()
     assert not (first["time_mask"] & padding).any()
     # fairseq's channel mask: spans over (B, hidden), the same count per row.
@@ -174,7 +184,7 @@ def test_batches_are_a_function_of_seed_and_step(task):
     assert channels.any() and not channels.all()
     assert len(set(channels.sum(axis=1))) == 1
     c.mask.mask_channel_prob = 0.0
-    assert "channel_mask" not in finetune_data.batch_at(c, encoder, 3)
+    assert "channel_mask" not in task.batch_at(3)
   if task == "image":
     np.testing.assert_allclose(first["targets"].sum(axis=-1), 1, rtol=1e-6)
 
@@ -182,9 +192,8 @@ def test_batches_are_a_function_of_seed_and_step(task):
 def test_text_regression_labels_and_metric():
   c = _config("text")
   c.model.num_labels = 1
-  assert finetune_loop.best_metric(c) == ("eval/valid/pearson", "max")
-  encoder, _ = finetune_loop.load_encoder(c, finetune_loop.make_mesh(c))
-  labels = finetune_data.valid_batches(c, encoder)[0]["labels"]
+  assert tasks.create(c).best_metric == ("eval/valid/pearson", "max")
+  labels = task_with_encoder(c).valid_batches()[0]["labels"]
   assert labels.dtype == np.float32 and labels.std() > 0
   assert 0 <= labels.min() and labels.max() <= 5
 
@@ -230,11 +239,10 @@ def test_hf_init_starts_from_the_converted_encoder(hf_vision, tmp_path):
   c.init = f"hf:{folder}"
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the unused norm and mask token
-    encoder, pretrained = finetune_loop.load_encoder(
-      c, finetune_loop.make_mesh(c)
-    )
-    model = finetune_loop.create_model(c, encoder)
-    state, _, _ = finetune_loop.create_state(c, model, encoder, pretrained)
+    task = tasks.create(c)
+    task.mesh = task.make_mesh()
+    state = task.setup(task.mesh)
+    encoder = task.encoder
     _, converted = convert.from_hf(state_dict, hf_config)
   assert encoder.image_size == (32, 32) and not encoder.use_final_norm
   want = traverse_util.flatten_dict(converted, sep="/")
@@ -258,10 +266,12 @@ def test_pretrain_init_takes_the_student_encoder(tmp_path):
   pretrain_config = d2v_vision.get_config("tiny")
   pretrain_config.mesh.data = 1
   pretrain_config.train.steps = 1
-  pretrained = d2v_loop.pretrain(pretrain_config, str(tmp_path / "pretrain"))
+  pretrained = driver.run(
+    pretrain.Task(pretrain_config), str(tmp_path / "pretrain")
+  )
   c = _config("image")
   c.init = f"pretrain:{tmp_path / 'pretrain'}"
-  encoder, params = finetune_loop.load_encoder(c, finetune_loop.make_mesh(c))
+  encoder, params = finetune.load_encoder(c, _mesh(c))
   m = pretrain_config.model
   assert (encoder.hidden, encoder.num_layers) == (m.hidden, m.num_layers)
   assert encoder.drop_path_rate == c.model.overrides.drop_path_rate
@@ -284,18 +294,18 @@ def test_unknown_variant_fails():
     d2v_finetune.get_config("audio")
   with pytest.raises(ValueError, match="unknown variant"):
     d2v_finetune.get_config(None)
-  assert d2v_finetune.get_config("image:tiny").task == "image"
+  assert d2v_finetune.get_config("image:tiny").task == "image_classification"
 
 
 def test_bad_init_fails_before_training(hf_vision, tmp_path):
   c = _config("text")
-  mesh = finetune_loop.make_mesh(c)
+  mesh = _mesh(c)
   c.init = "checkpoint:/nowhere"
   with pytest.raises(ValueError, match="config.init"):
-    finetune_loop.load_encoder(c, mesh)
+    finetune.load_encoder(c, mesh)
   c.init = f"hf:{hf_vision[0]}"
   with pytest.raises(ValueError, match="needs a TextEncoder"):
-    finetune_loop.load_encoder(c, mesh)
+    finetune.load_encoder(c, mesh)
   c = _config("speech")
   c.data.max_label_length = 4
   with pytest.raises(ValueError, match="max_label_length"):

@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 
 from d2vjax.datasets import text as text_lib
-from experiments import finetune_d2v, finetune_data, finetune_loop
+from experiments import finetune_d2v, tasks
 from experiments.configs import d2v_finetune
 from experiments.data import speech_corpus as sc
 from experiments.runtime import writers
+from experiments.tasks import ctc, text_classification
 from tests.d2vjax.test_datasets_images import write_fashion_mnist
 from tests.experiments.data.test_speech_corpus import SHORT
 from tests.experiments.data.test_vader import make_sdist
+from tests.experiments.test_finetune_d2v import task_with_encoder
 
 pytestmark = pytest.mark.usefixtures("xla_cache")
 
@@ -45,36 +47,32 @@ def _speech_config(path):
   return c
 
 
-def _encoder(c):
-  return finetune_loop.load_encoder(c, finetune_loop.make_mesh(c))[0]
-
-
 def test_speech_batches_hold_the_transcripts(spoken):
   c = _speech_config(spoken)
-  encoder = _encoder(c)
+  task = task_with_encoder(c)
   train = sc.load(spoken, "train")
-  batch = finetune_data.batch_at(c, encoder, 3)
+  batch = task.batch_at(3)
   assert batch["waveform"].shape == (8, 48_000)
   lengths = set(np.diff(train["offsets"]).tolist())
   assert set(batch["attention_mask"].sum(1).tolist()) <= lengths
   texts = {str(t) for t in train["transcripts"]}
   for ids in batch["labels"]:
-    assert finetune_data.VOCAB.decode(ids) in texts
+    assert ctc.VOCAB.decode(ids) in texts
   real = batch["attention_mask"] == 1
   assert np.all(batch["waveform"][~real] == 0)
   assert batch["time_mask"].any() and "channel_mask" in batch
-  again = finetune_data.batch_at(c, encoder, 3)
+  again = task.batch_at(3)
   for k, v in batch.items():
     np.testing.assert_array_equal(v, again[k], err_msg=k)
-  valid = finetune_data.valid_batches(c, encoder)
-  n = finetune_data.num_valid(c)
+  valid = task.valid_batches()
+  n = task.num_valid()
   assert n == len(sc.load(spoken, "valid")["ids"])
   assert valid[0]["text"][:n] == [
     str(t) for t in sc.load(spoken, "valid")["transcripts"]
   ]
   c.data.num_samples = 4_000
   with pytest.raises(ValueError, match="fits config.data.num_samples=4000"):
-    finetune_data.batch_at(c, encoder, 0)
+    task.batch_at(0)
 
 
 def test_fashion_mnist_task(tmp_path):
@@ -83,22 +81,24 @@ def test_fashion_mnist_task(tmp_path):
   c.mesh.data = 1
   c.data.source, c.data.path = "fashion_mnist", str(tmp_path / "fm")
   with pytest.raises(ValueError, match="num_classes=10"):
-    finetune_data.check_source(c)
+    tasks.create(c).check_source()
   c.model.num_classes = 10
-  encoder = _encoder(c)
-  batch = finetune_data.batch_at(c, encoder, 2)
+  task = task_with_encoder(c)
+  batch = task.batch_at(2)
   assert batch["images"].shape == (16, 16, 16, 3)
   assert batch["targets"].shape == (16, 10)
   np.testing.assert_allclose(batch["targets"].sum(-1), 1, rtol=1e-6)
-  assert finetune_data.num_valid(c) == 8
-  (valid,) = finetune_data.valid_batches(c, encoder)
+  assert task.num_valid() == 8
+  (valid,) = task.valid_batches()
   # The first 8 rows: every test image once, unaugmented.
   assert sorted(valid["labels"][:8].tolist()) == sorted(
     data["test"][1].tolist()
   )
   c.data.source = "spoken_sentences"
-  with pytest.raises(ValueError, match="does not serve the image task"):
-    finetune_data.check_source(c)
+  with pytest.raises(
+    ValueError, match="does not serve the image_classification task"
+  ):
+    tasks.create(c).check_source()
 
 
 def _sentiment_folder(folder, max_len=12):
@@ -128,30 +128,31 @@ def test_sentiment_task_regression_and_sign(tmp_path):
   c.mesh.data = 1
   c.data.source = "sentiment"
   with pytest.raises(ValueError, match="config.data.path"):
-    finetune_data.check_source(c)
+    tasks.create(c).check_source()
   c.data.path = str(tmp_path / "sent")
   c.model.num_labels = 1
-  encoder = _encoder(c)
-  batch = finetune_data.batch_at(c, encoder, 0)
+  task = task_with_encoder(c)
+  batch = task.batch_at(0)
   assert batch["input_ids"].shape == (8, 16)
   assert batch["labels"].dtype == np.float32
   assert set(batch["labels"].tolist()) <= set(labels[split == 0].tolist())
   np.testing.assert_array_equal(
     batch["attention_mask"], batch["input_ids"] != text_lib.PAD_ID
   )
-  assert finetune_data.num_valid(c) == 6
+  assert task.num_valid() == 6
   c.model.num_labels = 2  # the sign; zero ratings left out
-  finetune_data._sentiment_set.cache_clear()
-  (valid,) = finetune_data.valid_batches(c, _encoder(c))
+  text_classification._sentiment_set.cache_clear()
+  task = task_with_encoder(c)
+  (valid,) = task.valid_batches()
   want = (labels[(split == 1) & (labels != 0)] > 0).astype(np.int32)
-  assert finetune_data.num_valid(c) == len(want)
+  assert task.num_valid() == len(want)
   np.testing.assert_array_equal(valid["labels"][: len(want)], want)
   c.model.encoder.vocab_size = 30  # the set's ids reach 39
   with pytest.raises(ValueError, match="does not fit the encoder"):
-    finetune_data.batch_at(c, _encoder(c), 0)
+    task_with_encoder(c).batch_at(0)
   c.data.sentiment_task, c.model.num_labels = "rt_polarity", 1
   with pytest.raises(ValueError, match="rt_polarity needs 2"):
-    finetune_data.check_source(c)
+    tasks.create(c).check_source()
 
 
 def test_speech_finetuning_runs_on_spoken_sentences(spoken, tmp_path):

@@ -7,10 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import d2v_loop, pretrain_d2v
+from experiments import pretrain_d2v
 from experiments.configs import d2v_audio, d2v_text, d2v_vision
-from experiments.data import pretrain_batches as d2v_data
+from experiments.data import pretrain_batches
 from experiments.runtime import distributed, progress, writers
+from experiments.tasks import pretrain as pretrain_task
 
 CONFIGS = {"audio": d2v_audio, "vision": d2v_vision, "text": d2v_text}
 METRICS = (
@@ -147,12 +148,12 @@ def test_batch_that_does_not_divide_fails_at_start(tmp_path):
 
 def test_batches_depend_only_on_seed_and_step():
   c = _config("text")
-  whole = d2v_data.batch_at(c, 5)
-  part = d2v_data.batch_at(c, 5, rows=(3, 7))
+  whole = pretrain_batches.batch_at(c, 5)
+  part = pretrain_batches.batch_at(c, 5, rows=(3, 7))
   for name, value in whole.items():
     np.testing.assert_array_equal(value[3:7], part[name])
-  again = d2v_data.batch_at(c, 5)
-  other = d2v_data.batch_at(c, 6)
+  again = pretrain_batches.batch_at(c, 5)
+  other = pretrain_batches.batch_at(c, 6)
   np.testing.assert_array_equal(whole["inputs"], again["inputs"])
   assert not np.array_equal(whole["inputs"], other["inputs"])
   # Masked tokens are <mask> in the input and the original id in the target.
@@ -162,7 +163,7 @@ def test_batches_depend_only_on_seed_and_step():
   # BERT style: 80/10/10, so some selected tokens are not <mask>; <s>,
   # </s> and padding are never selected.
   c.mask.style = "bert"
-  bert = d2v_data.batch_at(c, 5)
+  bert = pretrain_batches.batch_at(c, 5)
   selected = bert["inputs"][bert["mask"]]
   assert 0 < (selected == c.mask.mask_id).mean() < 1
   assert not np.isin(bert["targets_ids"][bert["mask"]], (0, 1, 2)).any()
@@ -186,7 +187,7 @@ def test_base_configs_follow_the_recipes():
     c = module.get_config("base")
     assert c.data.source == "synthetic" and c.mesh.fsdp == 1
     # The encoders build from the config (no parameters are created).
-    assert d2v_loop.create_model(c).modality == c.modality
+    assert pretrain_task.create_model(c).modality == c.modality
     with pytest.raises(ValueError, match="unknown variant"):
       module.get_config("large")
 

@@ -12,7 +12,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from experiments import mtag_loop, quickstart
+from experiments import quickstart
+from experiments.data import mtag_samples
 from tests.d2vjax.test_datasets_images import write_fashion_mnist
 from tests.experiments.data.test_vader import make_sdist
 
@@ -79,12 +80,12 @@ def test_prints_one_table_naming_the_folder(finished):
 
 def test_pool_frames_averages_windows_and_keeps_a_short_tail():
   frames = np.arange(14, dtype=np.float16).reshape(7, 2)
-  pooled = mtag_loop.pool_frames(frames, 3)
+  pooled = mtag_samples.pool_frames(frames, 3)
   assert pooled.dtype == np.float32
   np.testing.assert_allclose(pooled, [[2, 3], [8, 9], [12, 13]])
-  np.testing.assert_array_equal(mtag_loop.pool_frames(frames, 1), frames)
+  np.testing.assert_array_equal(mtag_samples.pool_frames(frames, 1), frames)
   with pytest.raises(ValueError, match="pooling width 0"):
-    mtag_loop.pool_frames(frames, 0)
+    mtag_samples.pool_frames(frames, 0)
 
 
 def test_spoken_reviews_source_names_the_wrong_field(finished):
@@ -95,7 +96,7 @@ def test_spoken_reviews_source_names_the_wrong_field(finished):
     archive=str(out.parent / "vaderSentiment-3.3.2.tar.gz"),
     seed=0,
   )["MTAG (vision+text+audio)"]
-  samples = mtag_loop.load_data(config)
+  samples = mtag_samples.load_data(config)
   assert [len(samples[s]) for s in ("train", "valid", "test")] == [5, 1, 2]
   vision, text, audio = samples["test"][0].features
   assert vision.shape[1] == 6 and audio.shape[1] == 40
@@ -105,8 +106,8 @@ def test_spoken_reviews_source_names_the_wrong_field(finished):
   np.testing.assert_allclose(train_audio.mean(0), 0.0, atol=1e-4)
   config.model.vocab_sizes = (0, 0, 0)
   with pytest.raises(ValueError, match=r"vocab_sizes\[1\]"):
-    mtag_loop.load_data(config)
+    mtag_samples.load_data(config)
   config.model.vocab_sizes = (0, 64, 0)
   config.model.feature_dims = (6, 1, 41)
   with pytest.raises(ValueError, match=r"feature_dims\[2\]=41"):
-    mtag_loop.load_data(config)
+    mtag_samples.load_data(config)

@@ -6,9 +6,10 @@ import signal
 import numpy as np
 import pytest
 
-from experiments import mtag_loop, train_mtag
+from experiments import train_mtag
 from experiments.configs import mtag_iemocap, mtag_mosi
 from experiments.runtime import progress, writers
+from experiments.tasks import mtag as mtag_task
 
 
 def _config(**train):
@@ -35,7 +36,7 @@ def test_tiny_run_logs_evaluates_and_keeps_the_best(uninterrupted, capsys):
   workdir, state = uninterrupted
   records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   losses = _train_losses(workdir)
-  per_epoch = len(mtag_loop.epoch_batches(np.arange(48), 8))
+  per_epoch = len(mtag_task.epoch_batches(np.arange(48), 8))
   assert sorted(losses) == list(range(1, 2 * per_epoch + 1))
   assert int(state.step) == 2 * per_epoch
   valid = [r for r in records if "eval/valid/mae" in r]

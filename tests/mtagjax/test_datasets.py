@@ -5,8 +5,8 @@ import pickle
 import numpy as np
 import pytest
 
-from experiments import mtag_loop
 from experiments.configs import mtag_mosi
+from experiments.data import mtag_samples
 from mtagjax import datasets
 
 # Small dims: vision, text, audio.
@@ -157,7 +157,7 @@ def _pickle_config(path):
 
 def test_load_data_pickle(tmp_path):
   config = _pickle_config(_write(tmp_path, _raw()))
-  splits = mtag_loop.load_data(config)
+  splits = mtag_samples.load_data(config)
   assert {k: len(v) for k, v in splits.items()} == SIZES
   assert splits["train"][0].features[0].shape == (7, DIMS[0])
 
@@ -166,7 +166,7 @@ def test_load_data_dims_mismatch(tmp_path):
   config = _pickle_config(_write(tmp_path, _raw()))
   config.model.feature_dims = (4, 300, 3)
   with pytest.raises(ValueError, match=r"config\.model\.feature_dims=4,6,3"):
-    mtag_loop.load_data(config)
+    mtag_samples.load_data(config)
   config.data.source = "csv"
   with pytest.raises(ValueError, match="'synthetic'.*'pickle'"):
-    mtag_loop.load_data(config)
+    mtag_samples.load_data(config)

@@ -11,8 +11,7 @@ import pytest
 
 from d2vjax.datasets import audio
 from experiments.configs import d2v_audio
-from experiments.data import espeak
-from experiments.data import pretrain_batches as d2v_data
+from experiments.data import espeak, pretrain_batches
 from experiments.data import speech_corpus as sc
 from tests.d2vjax.test_datasets_audio import write_stamps
 from tests.experiments.data.test_vader import make_sdist
@@ -160,17 +159,17 @@ def test_speech_pretraining_source(tux, spoken):
   c = d2v_audio.get_config("tiny")
   c.data.source = "speech"
   c.data.path = f"{tux},{spoken}"
-  whole = d2v_data.batch_at(c, 2)
+  whole = pretrain_batches.batch_at(c, 2)
   assert whole["inputs"].shape == (8, 800) and whole["mask"].shape == (8, 79)
   np.testing.assert_allclose(whole["inputs"].mean(1), 0, atol=0.2)
-  part = d2v_data.batch_at(c, 2, rows=(4, 8))
+  part = pretrain_batches.batch_at(c, 2, rows=(4, 8))
   np.testing.assert_array_equal(part["inputs"], whole["inputs"][4:])
   np.testing.assert_array_equal(
-    d2v_data.batch_at(c, 2)["inputs"], whole["inputs"]
+    pretrain_batches.batch_at(c, 2)["inputs"], whole["inputs"]
   )
   c.data.num_samples = 16_000 * 30
   with pytest.raises(ValueError, match="lower config.data.num_samples"):
-    d2v_data.batch_at(c, 0)
+    pretrain_batches.batch_at(c, 0)
   c.data.path, c.data.speech_sets = "", "poems"
   with pytest.raises(ValueError, match="speech_sets='poems'"):
-    d2v_data.batch_at(c, 0)
+    pretrain_batches.batch_at(c, 0)

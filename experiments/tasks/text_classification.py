@@ -1,0 +1,216 @@
+"""Sentence classification and regression: a data2vec text encoder.
+
+The task behind ``config.task="text_classification"``
+(`experiments/configs/d2v_finetune.py` ``:text*``), RoBERTa's GLUE recipe
+as data2vec uses it (spec §6.3):
+
+* a tanh head on ``<s>`` (`d2vjax.finetune.SentenceClassifier`);
+  ``model.num_labels == 1`` makes it a regression (STS-B: MSE);
+* fairseq Adam with decay of every weight, linear warm-up then linear
+  decay to 0;
+* accuracy, or for regression MSE and Pearson correlation; the best step
+  by accuracy or Pearson.
+
+Data (``config.data.source``): a ``"synthetic"`` text is random ordinary
+tokens and its label the most frequent token group (``id % num_labels``)
+or, for regression, five times the share of even ids (STS-B's 0-5);
+``"sentiment"`` is a set of `experiments.data.sentiment_sets`
+(``data.sentiment_task``): ``vader_movie`` with ``num_labels=1`` regresses
+the rating in [-3, 3], with ``num_labels=2`` classifies its sign (zero
+ratings left out); ``rt_polarity`` is fresh vs rotten. Train split for
+training, valid split for validation.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from d2vjax import finetune as ft
+from d2vjax import optim
+from d2vjax.datasets import text as text_lib
+from experiments.data import sentiment_sets
+from experiments.tasks import finetune
+
+Array = jax.Array
+Batch = finetune.Batch
+
+SENTIMENT_TASKS = ("vader_movie", "rt_polarity")
+
+
+@functools.lru_cache(maxsize=2)
+def _sentiment_set(
+  path: str, corpus: str, data_dir: str, task: str, seq_len: int, k: int
+) -> dict:
+  """A sentiment set fitted to `seq_len` tokens, labels for `k` outputs."""
+  if not path:
+    path = sentiment_sets.build(corpus, data_dir or None)
+  file = pathlib.Path(path) / f"{task}.npz"
+  if not file.is_file():
+    raise FileNotFoundError(
+      f"{file} not found: point config.data.path at a folder built by "
+      "`python -m experiments.data.sentiment_sets`"
+    )
+  with np.load(file) as z:
+    ids, lengths = z["ids"], z["lengths"]
+    labels, split = z["labels"], z["split"]
+  if task == "vader_movie" and k == 2:  # the sign; zero ratings left out
+    keep = labels != 0
+    ids, lengths, split = ids[keep], lengths[keep], split[keep]
+    labels = (labels[keep] > 0).astype(np.int32)
+  fitted = np.full((len(ids), seq_len), text_lib.PAD_ID, np.int32)
+  width = min(seq_len, ids.shape[1])
+  fitted[:, :width] = ids[:, :width]
+  cut = lengths > seq_len  # truncated here: end on </s> again
+  fitted[cut, seq_len - 1] = text_lib.EOS_ID
+  labels = labels.astype(np.float32 if k == 1 else np.int32)
+  return {"ids": fitted, "labels": labels, "split": split}
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+  if x.std() == 0 or y.std() == 0:
+    return float("nan")
+  return float(np.corrcoef(x, y)[0, 1])
+
+
+class Task(finetune.FinetuneTask):
+  """Sentence classes or scores (``config.task="text_classification"``)."""
+
+  name = "text_classification"
+  modality = "text"
+  legacy_name = "text"
+  real_source = "sentiment"
+
+  @property
+  def default_best_metric(self) -> str:
+    if self.config.model.num_labels == 1:
+      return "eval/valid/pearson"
+    return "eval/valid/accuracy"
+
+  # -- model -----------------------------------------------------------------
+
+  def create_model(self, encoder: nn.Module) -> nn.Module:
+    m = self.config.model
+    return ft.SentenceClassifier(
+      encoder, num_labels=m.num_labels, pooler_dropout=m.pooler_dropout
+    )
+
+  def model_inputs(self, batch: Batch) -> tuple[tuple, dict[str, Any]]:
+    return (batch["input_ids"],), {"attention_mask": batch["attention_mask"]}
+
+  def losses(self, logits: Array, padding: None, batch: Batch) -> Array:
+    k = self.config.model.num_labels
+    one = lambda x, y: ft.classification_loss(x[None], y[None], k)
+    return jax.vmap(one)(logits, batch["labels"])
+
+  def scores(
+    self,
+    logits: np.ndarray,
+    padding: np.ndarray | None,
+    batches: list[Batch],
+    n: int,
+  ) -> dict[str, float]:
+    labels = np.concatenate([b["labels"] for b in batches])[:n]
+    if self.config.model.num_labels == 1:
+      preds = logits[:, 0]
+      return {
+        "mse": float(np.mean((preds - labels) ** 2)),
+        "pearson": _pearson(preds, labels),
+      }
+    return {"accuracy": float(np.mean(logits.argmax(axis=-1) == labels))}
+
+  # -- optimizer -------------------------------------------------------------
+
+  def create_schedule(self) -> optax.Schedule:
+    o = self.config.optim
+    return optim.polynomial_warmup_schedule(
+      o.peak_lr, self.config.train.steps, o.warmup_steps
+    )
+
+  def create_update_rule(
+    self, params: Any
+  ) -> list[optax.GradientTransformation]:
+    """fairseq Adam and decay of every weight (RoBERTa's GLUE yamls)."""
+    o = self.config.optim
+    parts = [optim.scale_by_fairseq_adam(o.b1, o.b2, o.eps)]
+    if o.weight_decay:
+      parts.append(optax.add_decayed_weights(o.weight_decay, optim.decay_all))
+    return parts
+
+  # -- data ------------------------------------------------------------------
+
+  def check_real(self) -> None:
+    d, k = self.config.data, self.config.model.num_labels
+    task = d.sentiment_task
+    if task not in SENTIMENT_TASKS:
+      raise ValueError(
+        f"config.data.sentiment_task={task!r}; use one of {SENTIMENT_TASKS}"
+      )
+    if (task, k) not in (("vader_movie", 1), ("vader_movie", 2)) and k != 2:
+      raise ValueError(
+        f"config.model.num_labels={k}: {task} needs 2 (classes)"
+        + (" or 1 (rating regression)" if task == "vader_movie" else "")
+      )
+    if not (d.path or d.corpus):
+      raise ValueError(
+        "config.data.path (a built experiments.data.sentiment_sets folder) or "
+        "config.data.corpus (the text_corpus whose tokenizer the encoder "
+        "uses) must be set for source='sentiment'"
+      )
+
+  def synthetic_example(self, rng: np.random.Generator) -> Batch:
+    d, k = self.config.data, self.config.model.num_labels
+    pad_id = self.encoder.pad_id
+    length = int(rng.integers(d.min_len, d.seq_len + 1))
+    ids = np.full(d.seq_len, pad_id, np.int32)
+    ids[0], ids[length - 1] = d.bos_id, d.eos_id
+    content = rng.integers(d.num_special, self.encoder.vocab_size, length - 2)
+    ids[1 : length - 1] = content
+    counts = np.bincount(content % max(k, 2), minlength=max(k, 2))
+    if k == 1:
+      label = np.float32(5.0 * counts[0] / content.size)
+    else:
+      label = np.int32(np.argmax(counts))
+    return {
+      "input_ids": ids,
+      "attention_mask": (ids != pad_id).astype(np.int32),
+      "labels": label,
+    }
+
+  def _set(self) -> dict:
+    d = self.config.data
+    return _sentiment_set(
+      d.path,
+      d.corpus,
+      d.data_dir,
+      d.sentiment_task,
+      d.seq_len,
+      self.config.model.num_labels,
+    )
+
+  def real_size(self, split: str) -> int:
+    code = sentiment_sets.SPLITS.index(split)
+    return int((self._set()["split"] == code).sum())
+
+  def real_rows(self, split: str, idx: np.ndarray) -> Batch:
+    data = self._set()
+    at = np.flatnonzero(data["split"] == sentiment_sets.SPLITS.index(split))
+    ids = data["ids"][at[idx]]
+    encoder = self.encoder
+    if ids.max() >= encoder.vocab_size or encoder.pad_id != text_lib.PAD_ID:
+      raise ValueError(
+        f"the sentiment set's tokenizer (pad {text_lib.PAD_ID}, ids up to "
+        f"{int(ids.max())}) does not fit the encoder (pad {encoder.pad_id}, "
+        f"vocab_size {encoder.vocab_size}); use the pretraining corpus"
+      )
+    return {
+      "input_ids": ids,
+      "attention_mask": (ids != text_lib.PAD_ID).astype(np.int32),
+      "labels": data["labels"][at[idx]],
+    }
