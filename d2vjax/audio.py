@@ -138,29 +138,10 @@ class AudioEncoder(nn.Module):
       features=features,
       train=train,
     )
-    norm = nn.LayerNorm(
-      epsilon=self.layer_norm_eps,
-      dtype=jnp.float32,
-      use_fast_variance=False,
-      name="encoder_layer_norm",
-    )
+    norm = encoder_lib.layer_norm(self.layer_norm_eps, "encoder_layer_norm")
     x = encoder_lib.layer_norm_rows(norm, x).astype(self.dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    padding_mask = front["padding_mask"]
-    x, aux = encoder_lib.TransformerEncoder(
-      num_layers=self.num_layers,
-      hidden=self.hidden,
-      heads=self.heads,
-      mlp_dim=self.mlp_dim,
-      block="post_ln",
-      layer_norm_eps=self.layer_norm_eps,
-      dropout_rate=self.dropout_rate,
-      attention_dropout_rate=self.attention_dropout_rate,
-      activation_dropout_rate=self.activation_dropout_rate,
-      layerdrop=self.layerdrop,
-      tap="ffn",
-      remat=self.remat,
-      dtype=self.dtype,
-      name="encoder",
-    )(x, padding_mask=padding_mask, train=train)
+    x, aux = encoder_lib.post_ln_encoder(self)(
+      x, padding_mask=front["padding_mask"], train=train
+    )
     return x, {**front, **aux}

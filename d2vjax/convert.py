@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d2vjax import speech, speech_hf
+from d2vjax import speech, speech_hf, tree_util
 from d2vjax.audio import AudioEncoder
 from d2vjax.text import TextEncoder
 from d2vjax.vision import VisionEncoder
@@ -72,6 +72,33 @@ def _pair(v: Any) -> tuple[int, int]:
   return (int(v), int(v)) if np.ndim(v) == 0 else tuple(int(x) for x in v)
 
 
+def _transformer_config(cfg: Mapping[str, Any]) -> dict[str, int]:
+  """The Transformer sizes, named alike in the three HF configs."""
+  return {
+    "hidden": int(cfg["hidden_size"]),
+    "num_layers": int(cfg["num_hidden_layers"]),
+    "heads": int(cfg["num_attention_heads"]),
+    "mlp_dim": int(cfg["intermediate_size"]),
+  }
+
+
+def _bert_norm_and_dropout(
+  cfg: Mapping[str, Any], dropout: float
+) -> dict[str, float]:
+  """LayerNorm eps and dropouts under HF's BERT-style names (vision, text).
+
+  `dropout` is the HF config class's default for both dropout rates (0 for
+  vision, 0.1 for text); the eps default is 1e-12 for both.
+  """
+  return {
+    "layer_norm_eps": float(cfg.get("layer_norm_eps", 1e-12)),
+    "dropout_rate": float(cfg.get("hidden_dropout_prob", dropout)),
+    "attention_dropout_rate": float(
+      cfg.get("attention_probs_dropout_prob", dropout)
+    ),
+  }
+
+
 def vision_config_from_hf(cfg: Mapping[str, Any]) -> dict[str, Any]:
   """`VisionEncoder` kwargs from an HF `Data2VecVisionConfig` dict.
 
@@ -96,15 +123,8 @@ def vision_config_from_hf(cfg: Mapping[str, Any]) -> dict[str, Any]:
   return {
     "image_size": _pair(cfg.get("image_size", 224)),
     "patch_size": int(cfg.get("patch_size", 16)),
-    "hidden": int(cfg["hidden_size"]),
-    "num_layers": int(cfg["num_hidden_layers"]),
-    "heads": int(cfg["num_attention_heads"]),
-    "mlp_dim": int(cfg["intermediate_size"]),
-    "layer_norm_eps": float(cfg.get("layer_norm_eps", 1e-12)),
-    "dropout_rate": float(cfg.get("hidden_dropout_prob", 0.0)),
-    "attention_dropout_rate": float(
-      cfg.get("attention_probs_dropout_prob", 0.0)
-    ),
+    **_transformer_config(cfg),
+    **_bert_norm_and_dropout(cfg, dropout=0.0),
     "drop_path_rate": float(cfg.get("drop_path_rate", 0.1)),
     "layer_scale_init": scale if scale > 0 else None,
     "use_mask_token": bool(cfg.get("use_mask_token", False)),
@@ -137,18 +157,11 @@ def text_config_from_hf(cfg: Mapping[str, Any]) -> dict[str, Any]:
     )
   return {
     "vocab_size": int(cfg["vocab_size"]),
-    "hidden": int(cfg["hidden_size"]),
-    "num_layers": int(cfg["num_hidden_layers"]),
-    "heads": int(cfg["num_attention_heads"]),
-    "mlp_dim": int(cfg["intermediate_size"]),
+    **_transformer_config(cfg),
     "max_positions": int(cfg["max_position_embeddings"]),
     "pad_id": int(cfg.get("pad_token_id", 1)),
     "type_vocab_size": int(cfg.get("type_vocab_size", 0)),
-    "layer_norm_eps": float(cfg.get("layer_norm_eps", 1e-12)),
-    "dropout_rate": float(cfg.get("hidden_dropout_prob", 0.1)),
-    "attention_dropout_rate": float(
-      cfg.get("attention_probs_dropout_prob", 0.1)
-    ),
+    **_bert_norm_and_dropout(cfg, dropout=0.1),
     "activation_dropout_rate": 0.0,
     "zero_pad_embeddings": False,
   }
@@ -180,10 +193,7 @@ def audio_config_from_hf(cfg: Mapping[str, Any]) -> dict[str, Any]:
     "pos_depth": front["pos_depth"],
     "pos_kind": front["pos_kind"],
     "feature_dropout_rate": front.get("dropout_rate", 0.0),
-    "hidden": int(cfg["hidden_size"]),
-    "num_layers": int(cfg["num_hidden_layers"]),
-    "heads": int(cfg["num_attention_heads"]),
-    "mlp_dim": int(cfg["intermediate_size"]),
+    **_transformer_config(cfg),
     "layer_norm_eps": float(cfg.get("layer_norm_eps", 1e-5)),
     "dropout_rate": float(cfg.get("hidden_dropout", 0.1)),
     "attention_dropout_rate": float(cfg.get("attention_dropout", 0.1)),
@@ -204,27 +214,37 @@ def _layer(path: Path) -> tuple[int, Path]:
   return int(path[1].removeprefix("layers_")), path[2:]
 
 
-_TEXT_LAYER = {
-  ("attention", "q_proj"): "attention.self.query",
-  ("attention", "k_proj"): "attention.self.key",
-  ("attention", "v_proj"): "attention.self.value",
-  ("attention", "out_proj"): "attention.output.dense",
-  ("attn_layer_norm",): "attention.output.LayerNorm",
-  ("fc1",): "intermediate.dense",
-  ("fc2",): "output.dense",
-  ("final_layer_norm",): "output.LayerNorm",
-}
+def _layer_key(path: Path, layers: str, table: Mapping[Path, str]) -> str:
+  """`encoder/layers_{i}/<module>/<leaf>` -> `{layers}.{i}.<HF name>.<leaf>`."""
+  i, rest = _layer(path)
+  return f"{layers}.{i}.{table[rest[:-1]]}.{_leaf(rest[-1])}"
 
-_VISION_LAYER = {
-  ("attention", "q_proj"): "attention.attention.query",
-  ("attention", "k_proj"): "attention.attention.key",
-  ("attention", "v_proj"): "attention.attention.value",
-  ("attention", "out_proj"): "attention.output.dense",
-  ("norm_before",): "layernorm_before",
-  ("norm_after",): "layernorm_after",
-  ("fc1",): "intermediate.dense",
-  ("fc2",): "output.dense",
-}
+
+def _bert_layer(attention: str, norms: dict[Path, str]) -> dict[Path, str]:
+  """HF's BERT-style layer names (text, vision): Flax path -> HF module."""
+  return {
+    ("attention", "q_proj"): f"attention.{attention}.query",
+    ("attention", "k_proj"): f"attention.{attention}.key",
+    ("attention", "v_proj"): f"attention.{attention}.value",
+    ("attention", "out_proj"): "attention.output.dense",
+    ("fc1",): "intermediate.dense",
+    ("fc2",): "output.dense",
+    **norms,
+  }
+
+
+_TEXT_LAYER = _bert_layer(
+  "self",
+  {
+    ("attn_layer_norm",): "attention.output.LayerNorm",
+    ("final_layer_norm",): "output.LayerNorm",
+  },
+)
+
+_VISION_LAYER = _bert_layer(
+  "attention",
+  {("norm_before",): "layernorm_before", ("norm_after",): "layernorm_after"},
+)
 
 _AUDIO_LAYER = {
   ("attention", "q_proj"): "attention.q_proj",
@@ -240,8 +260,7 @@ _AUDIO_LAYER = {
 
 def _text_key(path: Path) -> str:
   if path[0] == "encoder":
-    i, rest = _layer(path)
-    return f"encoder.layer.{i}.{_TEXT_LAYER[rest[:-1]]}.{_leaf(rest[-1])}"
+    return _layer_key(path, "encoder.layer", _TEXT_LAYER)
   if path[0] == "embedding_layer_norm":
     return f"embeddings.LayerNorm.{_leaf(path[1])}"
   return f"embeddings.{path[0]}.weight"  # the three embedding tables
@@ -254,7 +273,7 @@ def _vision_key(path: Path) -> str:
     i, rest = _layer(path)
     if rest[0] in ("gamma_1", "gamma_2"):
       return f"encoder.layer.{i}.lambda_{rest[0][-1]}"
-    return f"encoder.layer.{i}.{_VISION_LAYER[rest[:-1]]}.{_leaf(rest[-1])}"
+    return _layer_key(path, "encoder.layer", _VISION_LAYER)
   if path[0] == "patch_embed":
     return f"embeddings.patch_embeddings.projection.{_leaf(path[1])}"
   if path[0] == "norm":
@@ -268,8 +287,7 @@ def _vision_key(path: Path) -> str:
 
 def _audio_key(path: Path) -> str:
   if path[0] == "encoder":
-    i, rest = _layer(path)
-    return f"encoder.layers.{i}.{_AUDIO_LAYER[rest[:-1]]}.{_leaf(rest[-1])}"
+    return _layer_key(path, "encoder.layers", _AUDIO_LAYER)
   if path[0] == "encoder_layer_norm":
     return f"encoder.layer_norm.{_leaf(path[1])}"
   raise KeyError(path)  # front_end/... is converted by d2vjax.speech
@@ -367,7 +385,7 @@ def from_hf(
   params: dict = {}
   flat = jax.tree_util.tree_flatten_with_path(expected)[0]
   for key_path, want in flat:
-    path = tuple(k.key for k in key_path)
+    path = tree_util.path_names(key_path)
     if path[0] == "front_end":
       # Already in the Flax layout (and shape-checked by d2vjax.speech).
       hf_key, raw = "/".join(path), front_end

@@ -59,6 +59,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from d2vjax import tree_util
+
 __all__ = [
   "EmaState",
   "TeacherEMA",
@@ -144,22 +146,6 @@ class TeacherEMA(NamedTuple):
 
   init: Callable[[Any], EmaState]
   update: Callable[[Any, EmaState], EmaState]
-
-
-def _key_name(key: Any) -> str:
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key)
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    return key.name
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx)
-  if isinstance(key, jax.tree_util.FlattenedIndexKey):
-    return str(key.key)
-  return str(key)
-
-
-def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-  return tuple(_key_name(k) for k in path)
 
 
 def shared_by_prefix(prefixes: Sequence[str]) -> SharedFn:
@@ -285,7 +271,7 @@ def teacher_ema(
 
     def step(path, s, t):
       s = jnp.asarray(s)
-      names = _path_names(path)
+      names = tree_util.path_names(path)
       if not _is_float(t) or (shared is not None and shared(names, s)):
         new = jnp.array(s, dtype=t.dtype)
       elif const is not None:

@@ -12,6 +12,10 @@ One `TransformerEncoder` covers both block styles of data2vec v1:
 per-block tensor the data2vec teacher taps (`layer_results`) and every
 hidden state, both stacked along a leading layer axis.
 
+The modality models build their stack with `encoder_for` (or
+`post_ln_encoder`, speech and text) from their own fields, and their
+embedding and final norms with `layer_norm`, the blocks' LayerNorm.
+
 Parameter layout (what `d2vjax.convert` fills in): `layers_{i}/` holds
 `attention/{q_proj,k_proj,v_proj,out_proj}`, `fc1`, `fc2` and either
 `attn_layer_norm`, `final_layer_norm` (post_ln) or `norm_before`,
@@ -118,9 +122,19 @@ def num_relative_positions(grid: tuple[int, int]) -> int:
   return (2 * h - 1) * (2 * w - 1) + 3
 
 
-def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
-  # Statistics in float32 with the two-pass variance (the fast E[x²]−E[x]²
-  # form loses digits on the residual stream of deep pre-LN models).
+def layer_norm(eps: float, name: str) -> nn.LayerNorm:
+  """The LayerNorm of the data2vec models (blocks, embeddings, final norm).
+
+  Statistics in float32 with the two-pass variance: the fast E[x²]−E[x]²
+  form loses digits on the residual stream of deep pre-LN models.
+
+  Args:
+    eps: epsilon added to the variance.
+    name: the submodule's (and its parameters') name.
+
+  Returns:
+    An `nn.LayerNorm` with a float32 output; cast back to the compute dtype.
+  """
   return nn.LayerNorm(
     epsilon=eps, dtype=jnp.float32, use_fast_variance=False, name=name
   )
@@ -327,7 +341,7 @@ class EncoderBlock(nn.Module):
       return dense(self.hidden, kernel_init=residual_init, name="fc2")(y)
 
     def norm(y, name):
-      norm = _layer_norm(self.layer_norm_eps, name)
+      norm = layer_norm(self.layer_norm_eps, name)
       return layer_norm_rows(norm, y).astype(self.dtype)
 
     if self.block == "post_ln":
@@ -517,3 +531,55 @@ class TransformerEncoder(nn.Module):
       "hidden_states": jnp.stack(hidden_states),
     }
     return x, aux
+
+
+def encoder_for(model: nn.Module, **options: Any) -> TransformerEncoder:
+  """The `encoder` submodule of a modality model, sized by its fields.
+
+  `AudioEncoder`, `VisionEncoder` and `TextEncoder` name their Transformer
+  fields as `TransformerEncoder` does; this reads `num_layers`, `hidden`,
+  `heads`, `mlp_dim`, `layer_norm_eps`, `dropout_rate`,
+  `attention_dropout_rate`, `remat` and `dtype` from `model`. Call it inside
+  the model's compact `__call__`, so that the stack is its submodule.
+
+  Args:
+    model: the modality model whose Transformer this is.
+    **options: the block style and every other `TransformerEncoder` field.
+
+  Returns:
+    A `TransformerEncoder` named `encoder`.
+  """
+  return TransformerEncoder(
+    num_layers=model.num_layers,
+    hidden=model.hidden,
+    heads=model.heads,
+    mlp_dim=model.mlp_dim,
+    layer_norm_eps=model.layer_norm_eps,
+    dropout_rate=model.dropout_rate,
+    attention_dropout_rate=model.attention_dropout_rate,
+    remat=model.remat,
+    dtype=model.dtype,
+    name="encoder",
+    **options,
+  )
+
+
+def post_ln_encoder(model: nn.Module) -> TransformerEncoder:
+  """`encoder_for` with fairseq's speech and text recipe.
+
+  Post-LN blocks, LayerDrop, and the FFN output (fc2) as the teacher's tap;
+  `activation_dropout_rate` and `layerdrop` are read from `model` too.
+
+  Args:
+    model: an `AudioEncoder` or `TextEncoder`.
+
+  Returns:
+    A `TransformerEncoder` named `encoder`.
+  """
+  return encoder_for(
+    model,
+    block="post_ln",
+    activation_dropout_rate=model.activation_dropout_rate,
+    layerdrop=model.layerdrop,
+    tap="ffn",
+  )

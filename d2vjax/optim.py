@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from d2vjax import tree_util
+
 Array = jax.Array
 PyTree = Any
 
@@ -314,16 +316,6 @@ def scale_by_fairseq_adam(
 # ---------------------------------------------------------------------------
 
 
-def _leaf_name(path: tuple[Any, ...]) -> str:
-  if not path:
-    return ""
-  key = path[-1]
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _is_float(leaf: Any) -> bool:
   dtype = getattr(leaf, "dtype", None)
   if dtype is None:
@@ -383,7 +375,7 @@ def decay_matrices_only(
   excluded = set(exclude_names)
 
   def decayed(path: tuple[Any, ...], leaf: Any) -> bool:
-    name = _leaf_name(path)
+    name = tree_util.path_name(path[-1:])  # the leaf's own name
     return (
       _is_float(leaf)
       and len(np.shape(leaf)) > 1

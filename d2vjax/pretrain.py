@@ -32,7 +32,7 @@ import optax
 
 from d2vjax import ema as ema_lib
 from d2vjax import encoder as encoder_lib
-from d2vjax import losses, masking, targets
+from d2vjax import initializers, losses, masking, targets
 
 Array = jax.Array
 
@@ -57,14 +57,6 @@ SHARED_PREFIXES = {
 def _check_modality(modality: str) -> None:
   if modality not in MODALITIES:
     raise ValueError(f"modality {modality!r}; expected one of {MODALITIES}")
-
-
-def _torch_linear_bias(fan_in: int):
-  def init(key, shape, dtype=jnp.float32):
-    bound = 1.0 / jnp.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
 
 
 class RegressionHead(nn.Module):
@@ -96,12 +88,7 @@ class RegressionHead(nn.Module):
         name="dense",
       )(x)
     return nn.Dense(
-      self.hidden,
-      kernel_init=nn.initializers.variance_scaling(
-        1.0 / 3.0, "fan_in", "uniform"
-      ),
-      bias_init=_torch_linear_bias(x.shape[-1]),
-      name="dense",
+      self.hidden, name="dense", **initializers.torch_linear_init(x.shape[-1])
     )(x)
 
 

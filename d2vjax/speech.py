@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from d2vjax import encoder as encoder_lib
+from d2vjax import initializers
 
 Array = jax.Array
 ConvLayers = Sequence[tuple[int, int, int]]
@@ -55,28 +56,10 @@ BASE_CONV_LAYERS: tuple[tuple[int, int, int], ...] = (
 _CNN_NORM_EPS = 1e-5
 _POS_NORM_EPS = 1e-5
 
-# PyTorch `kaiming_normal_` defaults: gain sqrt(2), fan_in, *untruncated*
-# normal (JAX's `he_normal` truncates, so it is not used).
-_kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-# PyTorch's default Conv1d/Linear weight init, U(±1/sqrt(fan_in)).
-_torch_default = nn.initializers.variance_scaling(
-  1.0 / 3.0, "fan_in", "uniform"
-)
-
 
 def _gelu(x: Array) -> Array:
   # fairseq and HF use the exact erf GELU; Flax's default is the tanh form.
   return jax.nn.gelu(x, approximate=False)
-
-
-def _torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
-  """PyTorch's default conv bias init, U(±1/sqrt(fan_in))."""
-  bound = 1.0 / np.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
 
 
 def feature_lengths(lengths: Any, conv_layers: ConvLayers = BASE_CONV_LAYERS):
@@ -152,8 +135,8 @@ class _FeatureConvBlock(nn.Module):
       strides=(self.stride,),
       padding="VALID",
       use_bias=self.conv_bias,
-      kernel_init=_kaiming_normal,
-      bias_init=_torch_bias_init(fan_in),
+      kernel_init=initializers.torch_kaiming_normal_init(),
+      bias_init=initializers.torch_default_bias_init(fan_in),
       dtype=self.dtype,
       name="conv",
     )(x)
@@ -260,9 +243,8 @@ class FeatureProjection(nn.Module):
     projected = nn.Dense(
       self.hidden,
       dtype=self.dtype,
-      kernel_init=_torch_default,
-      bias_init=_torch_bias_init(x.shape[-1]),
       name="projection",
+      **initializers.torch_linear_init(x.shape[-1]),
     )(normed)
     projected = nn.Dropout(self.dropout_rate)(
       projected, deterministic=not train
@@ -374,8 +356,8 @@ class _PosConvLayer(nn.Module):
       self.hidden,
       self.kernel_size,
       self.groups,
-      kernel_init=_torch_default,
-      bias_init=_torch_bias_init(fan_in),
+      kernel_init=initializers.torch_default_kernel_init(),
+      bias_init=initializers.torch_default_bias_init(fan_in),
       dtype=self.dtype,
       name="conv",
     )(x)

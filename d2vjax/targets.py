@@ -63,6 +63,13 @@ def _as_float(x: jax.Array) -> jax.Array:
   return jax.lax.stop_gradient(x.astype(dtype))
 
 
+def _standardise(x: jax.Array, axis: int, eps: float) -> jax.Array:
+  """``(x - mean) / sqrt(var + eps)`` along ``axis``, biased variance."""
+  mean = jnp.mean(x, axis=axis, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=axis, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
 # The public functions are jitted like jax.nn's: an eager call then compiles
 # one fused program instead of every primitive separately.
 @functools.partial(jax.jit, static_argnames=("eps",))
@@ -95,9 +102,7 @@ def instance_norm_time(
   """
   x = _as_float(x)
   if padding_mask is None:
-    mean = jnp.mean(x, axis=-2, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-2, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps)
+    return _standardise(x, -2, eps)
   valid = jnp.logical_not(jnp.asarray(padding_mask, bool))[..., None]
   # Select rather than multiply so that inf/NaN in padded frames never
   # reaches the statistics.
@@ -127,10 +132,7 @@ def layer_norm_channels(x: jax.Array, *, eps: float = 1e-5) -> jax.Array:
     ``F.layer_norm`` without weight/bias); ``data2vec_vision``
     ``engine_for_cyclical.py``; spec ``data2vec.md`` §2.2.
   """
-  x = _as_float(x)
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps)
+  return _standardise(_as_float(x), -1, eps)
 
 
 def _normalise(

@@ -189,12 +189,7 @@ class TextEncoder(nn.Module):
       )
     elif token_type_ids is not None:
       raise ValueError("token_type_ids given but type_vocab_size is 0")
-    norm = nn.LayerNorm(
-      epsilon=self.layer_norm_eps,
-      dtype=jnp.float32,
-      use_fast_variance=False,
-      name="embedding_layer_norm",
-    )
+    norm = encoder_lib.layer_norm(self.layer_norm_eps, "embedding_layer_norm")
     x = encoder_lib.layer_norm_rows(norm, x).astype(self.dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     if attention_mask is None:
@@ -203,20 +198,7 @@ class TextEncoder(nn.Module):
       padding_mask = jnp.asarray(attention_mask) == 0
     if self.zero_pad_embeddings:
       x = x * (1 - padding_mask[..., None].astype(x.dtype))
-    x, aux = encoder_lib.TransformerEncoder(
-      num_layers=self.num_layers,
-      hidden=self.hidden,
-      heads=self.heads,
-      mlp_dim=self.mlp_dim,
-      block="post_ln",
-      layer_norm_eps=self.layer_norm_eps,
-      dropout_rate=self.dropout_rate,
-      attention_dropout_rate=self.attention_dropout_rate,
-      activation_dropout_rate=self.activation_dropout_rate,
-      layerdrop=self.layerdrop,
-      tap="ffn",
-      remat=self.remat,
-      dtype=self.dtype,
-      name="encoder",
-    )(x, padding_mask=padding_mask, train=train)
+    x, aux = encoder_lib.post_ln_encoder(self)(
+      x, padding_mask=padding_mask, train=train
+    )
     return x, {**aux, "position_ids": positions}

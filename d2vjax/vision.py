@@ -148,32 +148,19 @@ class VisionEncoder(nn.Module):
       pos = self.param("pos_embed", init, (1, n + 1, self.hidden), jnp.float32)
       x = x + pos.astype(self.dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    x, aux = encoder_lib.TransformerEncoder(
-      num_layers=self.num_layers,
-      hidden=self.hidden,
-      heads=self.heads,
-      mlp_dim=self.mlp_dim,
+    x, aux = encoder_lib.encoder_for(
+      self,
       block="pre_ln",
-      layer_norm_eps=self.layer_norm_eps,
-      dropout_rate=self.dropout_rate,
-      attention_dropout_rate=self.attention_dropout_rate,
       activation_dropout_rate=self.dropout_rate,
       drop_path_rate=self.drop_path_rate,
       layer_scale_init=self.layer_scale_init,
       key_bias=False,
       relative_position_grid=self.grid if self.use_rel_pos_bias else None,
       tap=self.tap,
-      remat=self.remat,
-      dtype=self.dtype,
-      name="encoder",
     )(x, train=train)
     if self.use_final_norm:
-      x = nn.LayerNorm(
-        epsilon=self.layer_norm_eps,
-        dtype=jnp.float32,
-        use_fast_variance=False,
-        name="norm",
-      )(x).astype(self.dtype)
+      norm = encoder_lib.layer_norm(self.layer_norm_eps, "norm")
+      x = norm(x).astype(self.dtype)
     return x, aux
 
 

@@ -1,4 +1,4 @@
-"""Readers for the MulT-style multimodal pickles (host numpy).
+"""Readers of the multimodal datasets (host numpy): MulT pickles, SpokenReviews.
 
 The CMU-MOSI, CMU-MOSEI and IEMOCAP files distributed with MulT
 (`mosi_data_noalign.pkl`, `iemocap_data_noalign.pkl`, and their aligned
@@ -16,6 +16,16 @@ float32, audio entries equal to -inf replaced by 0 and nothing else (no
 normalisation, no truncation). The official per-batch zero-frame removal is
 then applied once per sample by `batching.samples_from_padded`, which keeps
 each real frame's index in the padded array as its position.
+
+`load_spoken_reviews` reads the SpokenReviews folder that
+`experiments/data/spoken_reviews.py` builds: `train.npz`, `valid.npz` and
+`test.npz`, each storing its ragged sequences (text ids and tokens, log-mel
+audio frames, articulatory vision frames, word events) as one concatenated
+array plus `[n + 1]` offsets, next to per-sample labels in [-3, 3], ratings,
+speakers, speaking rates and pitches; `vocab.json` (the token strings,
+0 = pad, 1 = unknown) and `meta.json` (the build's parameters). It returns
+each split as a dict of per-sample arrays and lists, after checking every
+array's key, dtype, shape and range (errors name the file and the array).
 """
 
 from __future__ import annotations

@@ -191,13 +191,7 @@ def mse(
 ) -> jax.Array:
   """Mean squared error, averaged over the real samples.
 
-  Args:
-    pred: Predictions, shape (B, ...).
-    target: Targets, same shape as ``pred``.
-    mask: Optional (B,) boolean mask or float weights over samples.
-
-  Returns:
-    A scalar loss.
+  Arguments and result as for :func:`l1`.
 
   References:
     MTAG (NAACL 2021), official ``main.py`` (``loss_type`` mse option).

@@ -26,6 +26,7 @@ every frame.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from d2vjax import audio, speech
+from d2vjax import audio, speech, tree_util
 
 Array = jax.Array
 PyTree = Any
@@ -79,9 +80,9 @@ class CTCModel(nn.Module):
   a gradient); the fine-tuning recipes use no weight decay, and
   `frozen_mask` lets an optax chain leave them untouched in any case.
 
-  Channel masking (`mask_channel_prob`) is not supported: fairseq zeroes
-  channels after the time mask but before the positional convolution,
-  which `AudioEncoder` exposes no hook for.
+  Channel masking (`mask_channel_prob`) zeroes the `channel_mask` channels
+  after the time mask and before the positional convolution, as fairseq
+  does (`AudioEncoder`'s `channel_mask`).
 
   Attributes:
     encoder: the (pretrained) `AudioEncoder`; configure its fine-tuning
@@ -133,16 +134,13 @@ class CTCModel(nn.Module):
       `(logits [B, T, vocab_size] float32, padding_mask [B, T] bool)`,
       padding True at padded frames.
     """
-    if self.freeze_feature_extractor:
-      with nn.intercept_methods(_stop_cnn_gradient):
-        x, aux = self.encoder(
-          waveform,
-          time_mask,
-          train,
-          attention_mask=attention_mask,
-          channel_mask=channel_mask,
-        )
-    else:
+    # The interceptor cuts the CNN's gradient (see the class docstring).
+    frozen_cnn = (
+      nn.intercept_methods(_stop_cnn_gradient)
+      if self.freeze_feature_extractor
+      else contextlib.nullcontext()
+    )
+    with frozen_cnn:
       x, aux = self.encoder(
         waveform,
         time_mask,
@@ -184,7 +182,7 @@ def frozen_mask(params: PyTree, *, whole_encoder: bool = False) -> PyTree:
   prefix = _FEATURE_EXTRACTOR_PATH[:1] if whole_encoder else None
 
   def frozen(path, _):
-    names = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
+    names = tree_util.path_names(path)
     if prefix is not None:
       return names[: len(prefix)] == prefix
     return names[: len(_FEATURE_EXTRACTOR_PATH)] == _FEATURE_EXTRACTOR_PATH

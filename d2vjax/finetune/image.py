@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from d2vjax import vision
+from d2vjax import encoder as encoder_lib
+from d2vjax import tree_util, vision
 
 Array = jax.Array
 PyTree = Any
@@ -83,9 +84,7 @@ class ImageClassifier(nn.Module):
       )
     x, _ = self.encoder(images, None, train)
     pooled = jnp.mean(x[:, 1:].astype(jnp.float32), axis=1)  # CLS excluded
-    pooled = nn.LayerNorm(
-      epsilon=1e-6, dtype=jnp.float32, use_fast_variance=False, name="fc_norm"
-    )(pooled)
+    pooled = encoder_lib.layer_norm(1e-6, "fc_norm")(pooled)
     # timm's trunc_normal_(std=0.02) cuts at ±2 in absolute value, i.e. at
     # ±100σ: effectively an untruncated normal. The bias starts at 0, so
     # scaling it changes nothing.
@@ -100,10 +99,6 @@ class ImageClassifier(nn.Module):
       bias_init=nn.initializers.zeros,
       name="head",
     )(pooled)
-
-
-def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def _layer_id(names: tuple[str, ...], num_layers: int) -> int:
@@ -150,7 +145,8 @@ def layer_decay_multipliers(
   top = num_layers + 1
 
   def scale(path, _):
-    return float(decay ** (top - _layer_id(_path_names(path), num_layers)))
+    layer = _layer_id(tree_util.path_names(path), num_layers)
+    return float(decay ** (top - layer))
 
   return jax.tree_util.tree_map_with_path(scale, params)
 

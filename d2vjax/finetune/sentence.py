@@ -11,27 +11,14 @@ warm-up then linear decay to 0, 10 epochs, dropout 0.1 in the encoder.
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from d2vjax import text
+from d2vjax import initializers, text
 
 Array = jax.Array
-
-
-def _torch_linear(fan_in: int) -> dict:
-  """PyTorch's default `nn.Linear` init, U(±1/sqrt(fan_in)) for both."""
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def bias_init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-  return {"kernel_init": kernel_init, "bias_init": bias_init}
 
 
 class SentenceClassifier(nn.Module):
@@ -87,12 +74,14 @@ class SentenceClassifier(nn.Module):
     x = x[:, 0].astype(jnp.float32)
     hidden = self.inner_dim or x.shape[-1]
     x = nn.Dropout(self.pooler_dropout)(x, deterministic=not train)
-    x = nn.Dense(hidden, name="dense", **_torch_linear(x.shape[-1]))(x)
+    x = nn.Dense(
+      hidden, name="dense", **initializers.torch_linear_init(x.shape[-1])
+    )(x)
     x = jnp.tanh(x)
     x = nn.Dropout(self.pooler_dropout)(x, deterministic=not train)
-    return nn.Dense(self.num_labels, name="out_proj", **_torch_linear(hidden))(
-      x
-    )
+    return nn.Dense(
+      self.num_labels, name="out_proj", **initializers.torch_linear_init(hidden)
+    )(x)
 
 
 def classification_loss(logits: Array, labels: Array, num_labels: int) -> Array:

@@ -1,7 +1,5 @@
 """Tests for d2vjax.ema: the decay schedule and the EMA teacher update."""
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,13 +12,12 @@ from d2vjax.ema import (
   shared_by_prefix,
   teacher_ema,
 )
-
-FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "d2v"
+from tests import helpers
 
 
 @pytest.fixture(scope="module")
 def fx():
-  return dict(np.load(FIXTURE / "ema_small.npz"))
+  return dict(np.load(helpers.D2V_FIXTURES / "ema_small.npz"))
 
 
 def _tree(fx, prefix, dtype):

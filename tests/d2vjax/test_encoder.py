@@ -10,8 +10,8 @@ from scipy import special
 
 from d2vjax import encoder as encoder_lib
 from d2vjax.encoder import TransformerEncoder
-from d2vjax.text import TextEncoder
 from d2vjax.vision import VisionEncoder
+from tests import helpers
 
 B, T, C, HEADS, MLP, L = 2, 5, 16, 4, 32, 2
 GRID = (2, 2)  # pre_ln: CLS + 2x2 patches = 5 tokens
@@ -402,14 +402,7 @@ def test_model_level_init():
   np.testing.assert_array_equal(p["patch_embed"]["bias"], 0)
   for name in ("cls_token", "mask_token"):
     assert np.abs(p[name]).max() <= 0.02
-  text = TextEncoder(
-    vocab_size=50,
-    max_positions=20,
-    hidden=16,
-    num_layers=1,
-    heads=2,
-    mlp_dim=32,
-  )
+  text = helpers.tiny_text_encoder(max_positions=20)
   p = jax.jit(text.init)(key(0), jnp.zeros((1, 4), jnp.int32))
   p = p["params"]
   for name in ("word_embeddings", "position_embeddings"):

@@ -10,54 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from d2vjax import audio, finetune, masking, pretrain, speech, text, vision
-
-# ---------------------------------------------------------------------------
-# Tiny encoders.
-
-
-def _audio_encoder(**kw):
-  return audio.AudioEncoder(
-    conv_layers=((16, 10, 5), (16, 3, 2)),
-    hidden=16,
-    num_layers=1,
-    heads=2,
-    mlp_dim=32,
-    pos_kernel_size=4,
-    pos_groups=2,
-    pos_depth=1,
-    **kw,
-  )
-
-
-def _vision_encoder(**kw):
-  kw = {"use_final_norm": False, **kw}
-  return vision.VisionEncoder(
-    image_size=16,
-    patch_size=4,
-    hidden=16,
-    num_layers=3,
-    heads=2,
-    mlp_dim=32,
-    drop_path_rate=0.1,
-    **kw,
-  )
-
-
-def _text_encoder():
-  return text.TextEncoder(
-    vocab_size=50,
-    hidden=16,
-    num_layers=1,
-    heads=2,
-    mlp_dim=32,
-    max_positions=40,
-  )
-
-
-def _rngs(seed=0):
-  return {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
-
+from d2vjax import finetune, masking, pretrain, speech
+from tests import helpers
 
 # ---------------------------------------------------------------------------
 # CTC loss and decoding.
@@ -161,19 +115,21 @@ def _ctc_batch(rng, batch=3):
   attention = np.ones((batch, 800), np.int32)
   attention[1, 600:] = 0
   # 800 samples -> 79 frames with the tiny CNN; row 1 has 59 real ones.
-  padding = speech.frame_padding_mask(attention, ((16, 10, 5), (16, 3, 2)))
+  padding = speech.frame_padding_mask(attention, helpers.TINY_CONV_LAYERS)
   return wave, attention, np.asarray(padding)
 
 
 def _init(model, *args, **kwargs):
-  return jax.jit(lambda: model.init(_rngs(), *args, **kwargs))()["params"]
+  return jax.jit(lambda: model.init(helpers.init_rngs(), *args, **kwargs))()[
+    "params"
+  ]
 
 
 @pytest.fixture(scope="module")
 def ctc_model():
   """One tiny CTC model and its params, shared by the CTC tests."""
   model = finetune.CTCModel(
-    _audio_encoder(layerdrop=0.1), vocab_size=32, final_dropout=0.1
+    helpers.tiny_audio_encoder(layerdrop=0.1), vocab_size=32, final_dropout=0.1
   )
   wave, attention, padding = _ctc_batch(np.random.default_rng(0))
   params = _init(model, wave, attention_mask=attention, train=False)
@@ -260,10 +216,10 @@ def test_ctc_channel_mask_zeroes_channels_at_every_frame(ctc_model):
 
 
 def test_frozen_mask_marks_the_cnn_or_the_encoder():
-  model = finetune.CTCModel(_audio_encoder(), vocab_size=5)
+  model = finetune.CTCModel(helpers.tiny_audio_encoder(), vocab_size=5)
   wave = np.zeros((1, 800), np.float32)
   params = jax.eval_shape(
-    lambda: model.init(_rngs(), wave, train=False)["params"]
+    lambda: model.init(helpers.init_rngs(), wave, train=False)["params"]
   )
   mask = finetune.frozen_mask(params)
   cnn = mask["encoder"]["front_end"].pop("feature_extractor")
@@ -350,13 +306,15 @@ def test_ctc_train_step_jit(ctc_model):
 @pytest.fixture(scope="module")
 def image_model():
   """One classifier, its params and a jitted apply, shared across tests."""
-  model = finetune.ImageClassifier(_vision_encoder(), num_classes=1000)
+  model = finetune.ImageClassifier(
+    helpers.tiny_vision_encoder(use_final_norm=False), num_classes=1000
+  )
   images = np.random.default_rng(0).standard_normal((2, 16, 16, 3))
   params = _init(model, images, train=False)
 
   @functools.partial(jax.jit, static_argnames="train")
   def apply(p, x, train):
-    return model.apply({"params": p}, x, train=train, rngs=_rngs(5))
+    return model.apply({"params": p}, x, train=train, rngs=helpers.init_rngs(5))
 
   return model, params, apply, images
 
@@ -372,9 +330,9 @@ def test_image_classifier_shapes_and_init_scale(image_model):
   assert np.std(kernel) == pytest.approx(0.02 * 0.001, rel=0.05)
   np.testing.assert_array_equal(params["head"]["bias"], 0.0)
   with pytest.raises(ValueError, match="use_final_norm"):
-    finetune.ImageClassifier(
-      _vision_encoder(use_final_norm=True), num_classes=3
-    ).init(_rngs(), images, train=False)  # raises before any compute
+    finetune.ImageClassifier(helpers.tiny_vision_encoder(), num_classes=3).init(
+      helpers.init_rngs(), images, train=False
+    )  # raises before any compute
 
 
 class _FixedTokens(nn.Module):
@@ -393,7 +351,7 @@ def test_image_classifier_mean_pools_patches_without_cls():
   model = finetune.ImageClassifier(
     _FixedTokens(), num_classes=3, init_scale=1.0
   )
-  params = model.init(_rngs(), tokens, train=False)["params"]
+  params = model.init(helpers.init_rngs(), tokens, train=False)["params"]
   out = model.apply({"params": params}, tokens, train=False)
   changed = tokens.copy()
   changed[:, 0] = 1e3  # the CLS token
@@ -409,10 +367,12 @@ def test_image_classifier_mean_pools_patches_without_cls():
 
 
 def test_layer_decay_multipliers_three_blocks():
-  model = finetune.ImageClassifier(_vision_encoder(), num_classes=4)
+  model = finetune.ImageClassifier(
+    helpers.tiny_vision_encoder(use_final_norm=False), num_classes=4
+  )
   images = np.zeros((1, 16, 16, 3), np.float32)
   params = jax.eval_shape(
-    lambda: model.init(_rngs(), images, train=False)["params"]
+    lambda: model.init(helpers.init_rngs(), images, train=False)["params"]
   )
   d = 0.65
   mult = finetune.layer_decay_multipliers(params, num_layers=3, decay=d)
@@ -530,7 +490,7 @@ def test_sentence_classifier_shapes_and_losses():
   ids = np.random.default_rng(0).integers(4, 49, (3, 10)).astype(np.int32)
   ids[:, 0], ids[2, 7:] = 0, 1
   model = finetune.SentenceClassifier(
-    _text_encoder(), num_labels=3, pooler_dropout=0.1
+    helpers.tiny_text_encoder(), num_labels=3, pooler_dropout=0.1
   )
   params = _init(model, ids, train=False)
   assert set(params) == {"encoder", "dense", "out_proj"}
@@ -539,7 +499,9 @@ def test_sentence_classifier_shapes_and_losses():
   @jax.jit
   def both(p):
     def run(train):
-      return model.apply({"params": p}, ids, train=train, rngs=_rngs(2))
+      return model.apply(
+        {"params": p}, ids, train=train, rngs=helpers.init_rngs(2)
+      )
 
     return run(False), run(True)
 
@@ -578,10 +540,10 @@ def test_pretrained_encoder_drops_head_and_loads(image_model):
   _, params, apply, images = image_model
   mask = np.zeros((2, 16), bool)
   pre = pretrain.Data2Vec(
-    encoder=_vision_encoder(use_final_norm=True), modality="vision"
+    encoder=helpers.tiny_vision_encoder(), modality="vision"
   )
   shapes = jax.eval_shape(
-    lambda: pre.init(_rngs(7), images, mask, train=False)["params"]
+    lambda: pre.init(helpers.init_rngs(7), images, mask, train=False)["params"]
   )
   fill = iter(range(1, 1000))
   pre_params = jax.tree.map(

@@ -9,7 +9,6 @@ included (nothing is zeroed after the front end, as in HF).
 
 import functools
 import json
-import pathlib
 import struct
 import warnings
 
@@ -21,15 +20,14 @@ import pytest
 
 from d2vjax import convert
 from d2vjax.encoder import relative_position_index
+from tests import helpers
 
-FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "d2v"
-MODALITIES = ("audio", "vision", "text")
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 
 @functools.cache
 def fixture(modality: str) -> dict:
-  with np.load(FIXTURES / f"hf_{modality}_tiny.npz") as z:
+  with np.load(helpers.D2V_FIXTURES / f"hf_{modality}_tiny.npz") as z:
     return {k: z[k] for k in z.files}
 
 
@@ -72,7 +70,7 @@ def assert_matches_fixture(modality, outputs):
       np.testing.assert_allclose(aux[name][i], want[i], **TOL, err_msg=name)
 
 
-@pytest.mark.parametrize("modality", MODALITIES)
+@pytest.mark.parametrize("modality", helpers.D2V_MODALITIES)
 def test_matches_hf_outputs(modality):
   _, params, outputs = converted(modality)
   assert all(p.dtype == np.float32 for p in jax.tree.leaves(params))
@@ -154,7 +152,7 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata=None):
     f.write(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
 
 
-@pytest.mark.parametrize("modality", MODALITIES)
+@pytest.mark.parametrize("modality", helpers.D2V_MODALITIES)
 def test_safetensors_round_trip(modality, tmp_path):
   write_safetensors(
     tmp_path / "model.safetensors", state_dict(modality), {"format": "pt"}

@@ -1,7 +1,6 @@
 """Tests for d2vjax.losses: masked regression losses and collapse monitors."""
 
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -16,14 +15,14 @@ from d2vjax.losses import (
   variance_monitor,
 )
 from d2vjax.targets import modality_targets
+from tests import helpers
 
-FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "d2v"
-MODALITIES = ("audio", "text", "vision")
+MODALITIES = helpers.D2V_MODALITIES
 
 
 @pytest.fixture(scope="module")
 def fx():
-  return dict(np.load(FIXTURE / "loss_small.npz"))
+  return dict(np.load(helpers.D2V_FIXTURES / "loss_small.npz"))
 
 
 def _sum_kwargs(modality):

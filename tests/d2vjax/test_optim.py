@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from d2vjax import optim
+from d2vjax import optim, tree_util
 from d2vjax.vision import VisionEncoder
 
 # ----------------------------------------------------------------- schedules
@@ -334,7 +334,7 @@ def test_decay_matrices_only_on_vision_encoder():
     model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))
   )["params"]
   flat = {
-    "/".join(str(k.key) for k in path): leaf
+    tree_util.path_name(path): leaf
     for path, leaf in jax.tree_util.tree_leaves_with_path(
       optim.decay_matrices_only(shapes)
     )

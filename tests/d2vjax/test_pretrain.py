@@ -8,35 +8,19 @@ import numpy as np
 import optax
 import pytest
 
-from d2vjax import audio, ema, masking, pretrain, text, vision
+from d2vjax import ema, masking, pretrain, tree_util
+from tests import helpers
 
 
 def _audio(rng, batch=8):
-  encoder = audio.AudioEncoder(
-    conv_layers=((16, 10, 5), (16, 3, 2)),
-    hidden=16,
-    num_layers=3,
-    heads=2,
-    mlp_dim=32,
-    pos_kernel_size=4,
-    pos_groups=2,
-    pos_depth=2,
-  )
+  encoder = helpers.tiny_audio_encoder(num_layers=3, pos_depth=2)
   wave = rng.standard_normal((batch, 800)).astype(np.float32)
   mask = masking.span_mask((batch, 79), mask_prob=0.65, mask_length=5, rng=rng)
   return encoder, {"inputs": wave, "mask": mask}
 
 
 def _vision(rng, batch=8):
-  encoder = vision.VisionEncoder(
-    image_size=16,
-    patch_size=4,
-    hidden=16,
-    num_layers=3,
-    heads=2,
-    mlp_dim=32,
-    drop_path_rate=0.1,
-  )
+  encoder = helpers.tiny_vision_encoder()
   images = rng.standard_normal((batch, 16, 16, 3)).astype(np.float32)
   mask = masking.block_masks(
     batch, (4, 4), num_masking_patches=8, min_num_patches=2, rng=rng
@@ -45,14 +29,7 @@ def _vision(rng, batch=8):
 
 
 def _text(rng, batch=8):
-  encoder = text.TextEncoder(
-    vocab_size=50,
-    hidden=16,
-    num_layers=3,
-    heads=2,
-    mlp_dim=32,
-    max_positions=40,
-  )
+  encoder = helpers.tiny_text_encoder(num_layers=3)
   ids = rng.integers(4, 49, (batch, 20)).astype(np.int32)
   ids[:, 0], ids[:, -1] = 0, 2
   ids[1, 15:] = 1  # padding
@@ -89,7 +66,7 @@ def _setup(modality, seed=0):
 
 def _leaves(tree):
   return {
-    "/".join(str(k.key) for k in path): np.asarray(x)
+    tree_util.path_name(path): np.asarray(x)
     for path, x in jax.tree_util.tree_leaves_with_path(tree)
   }
 

@@ -7,7 +7,6 @@ fixture: frame arithmetic, masking, the wav2vec 2.0 variants, conversion.
 
 import json
 import math
-import pathlib
 
 import flax.linen as nn
 import jax
@@ -16,10 +15,9 @@ import numpy as np
 import pytest
 
 from d2vjax import speech, speech_hf
+from tests import helpers
 
-FIXTURE = (
-  pathlib.Path(__file__).parents[1] / "fixtures" / "d2v" / "hf_audio_tiny.npz"
-)
+FIXTURE = helpers.D2V_FIXTURES / "hf_audio_tiny.npz"
 STAGES = (
   "conv_features",
   "extract_features",

@@ -1,7 +1,5 @@
 """Tests for d2vjax.targets: normalisations and per-modality targets."""
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,9 +12,9 @@ from d2vjax.targets import (
   layer_norm_channels,
   modality_targets,
 )
+from tests import helpers
 
-FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "d2v"
-MODALITIES = ("audio", "text", "vision")
+MODALITIES = helpers.D2V_MODALITIES
 
 # Spec §9.4: K = 2 toy layers, B = 1, T = 4, C = 3, and the expected targets
 # (6 decimals, from the torch reference).
@@ -46,7 +44,7 @@ TOY_EXPECTED = {
 
 @pytest.fixture(scope="module")
 def fx():
-  return dict(np.load(FIXTURE / "targets_small.npz"))
+  return dict(np.load(helpers.D2V_FIXTURES / "targets_small.npz"))
 
 
 def test_recipes_match_spec():

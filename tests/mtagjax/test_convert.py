@@ -1,42 +1,22 @@
 """Official state_dict conversion: structure, checks and inferred config."""
 
-import pathlib
-
 import jax
 import numpy as np
 import pytest
 
-from mtagjax import batching, convert
-from mtagjax import model as model_lib
-
-FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures/mtag/forward_small.npz"
+from mtagjax import convert
+from tests import helpers
 
 
 @pytest.fixture(scope="module")
 def state_dict():
-  fx = np.load(FIXTURE)
-  return {k[6:]: fx[k] for k in fx.files if k.startswith("param/")}
-
-
-def _init_shapes(config):
-  model = model_lib.create_model(config)
-  rng = np.random.default_rng(0)
-  sample = batching.Sample(
-    [
-      rng.standard_normal((2, d)).astype(np.float32)
-      for d in config.feature_dims
-    ]
-  )
-  batch = batching.GraphBatcher(config, batch_size=1)([sample])
-  return jax.eval_shape(
-    lambda: model.init(jax.random.key(0), batch, train=False)
-  )["params"]
+  return helpers.official_state_dict(np.load(helpers.MTAG_FORWARD_FIXTURE))
 
 
 def test_converted_tree_matches_model_tree(state_dict):
   config = convert.config_from_state_dict(state_dict)
   variables = convert.from_official_state_dict(state_dict)
-  want = jax.tree.map(lambda a: a.shape, _init_shapes(config))
+  want = jax.tree.map(lambda a: a.shape, helpers.mtag_abstract_params(config))
   got = jax.tree.map(lambda a: a.shape, variables["params"])
   assert got == want
   assert variables["constants"]["pe"].shape == (5000, 64)
@@ -68,7 +48,7 @@ def test_ffn_projection_converts(state_dict):
   config = convert.config_from_state_dict(sd)
   assert config.projection == "ffn"
   variables = convert.from_official_state_dict(sd)
-  want = jax.tree.map(lambda a: a.shape, _init_shapes(config))
+  want = jax.tree.map(lambda a: a.shape, helpers.mtag_abstract_params(config))
   assert jax.tree.map(lambda a: a.shape, variables["params"]) == want
 
 

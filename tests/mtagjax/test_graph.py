@@ -405,13 +405,13 @@ def test_large_sample_count():
 # Property tests, 1-4 modalities.
 
 lengths_st = st.lists(st.integers(0, 12), min_size=1, max_size=4)
+rule_st = st.sampled_from(graph.PSEUDO_ALIGN_RULES)
+intra_st = st.sampled_from(graph.INTRA_MODES)
+scheme_st = st.sampled_from(graph.EDGE_TYPE_SCHEMES)
 
 
 @settings(max_examples=150, deadline=None)
-@given(
-  lengths=lengths_st,
-  intra=st.sampled_from(graph.INTRA_MODES),
-)
+@given(lengths=lengths_st, intra=intra_st)
 def test_matches_slow_reference(lengths, intra):
   src, dst, typ = graph.build_edges(lengths, intra=intra)
   got = list(zip(src.tolist(), dst.tolist(), typ.tolist(), strict=True))
@@ -420,11 +420,7 @@ def test_matches_slow_reference(lengths, intra):
 
 
 @settings(max_examples=150, deadline=None)
-@given(
-  lengths=lengths_st,
-  rule=st.sampled_from(graph.PSEUDO_ALIGN_RULES),
-  intra=st.sampled_from(graph.INTRA_MODES),
-)
+@given(lengths=lengths_st, rule=rule_st, intra=intra_st)
 def test_edge_invariants(lengths, rule, intra):
   nm = len(lengths)
   src, dst, typ = graph.build_edges(lengths, rule=rule, intra=intra)
@@ -472,11 +468,7 @@ def test_edge_invariants(lengths, rule, intra):
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-  lengths=lengths_st,
-  scheme=st.sampled_from(graph.EDGE_TYPE_SCHEMES),
-  rule=st.sampled_from(graph.PSEUDO_ALIGN_RULES),
-)
+@given(lengths=lengths_st, scheme=scheme_st, rule=rule_st)
 def test_ablations_consistent_with_full_types(lengths, scheme, rule):
   nm = len(lengths)
   src, dst, full = graph.build_edges(lengths, rule=rule)

@@ -1,7 +1,5 @@
 """The full model against the official forward fixture, and its surface."""
 
-import pathlib
-
 import jax
 import numpy as np
 import pytest
@@ -10,19 +8,12 @@ import mtagjax
 from mtagjax import batching, convert, inference
 from mtagjax import config as config_lib
 from mtagjax import model as model_lib
-
-FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures/mtag/forward_small.npz"
+from tests import helpers
 
 
 @pytest.fixture(scope="module")
 def fx():
-  return dict(np.load(FIXTURE))
-
-
-def _state_dict(fx):
-  return {
-    k[len("param/") :]: v for k, v in fx.items() if k.startswith("param/")
-  }
+  return dict(np.load(helpers.MTAG_FORWARD_FIXTURE))
 
 
 def _official_order(batch, lengths):
@@ -38,7 +29,7 @@ def _official_order(batch, lengths):
 
 
 def _run(fx, prefix, num, dtype):
-  sd = _state_dict(fx)
+  sd = helpers.official_state_dict(fx)
   config = convert.config_from_state_dict(sd)
   variables = convert.from_official_state_dict(sd)
   variables = jax.tree.map(lambda a: np.asarray(a, dtype), variables)
@@ -110,7 +101,7 @@ def test_batch_dependence_of_official_pruning(fx):
 
 
 def test_predict_matches_fixture(fx):
-  sd = _state_dict(fx)
+  sd = helpers.official_state_dict(fx)
   config = convert.config_from_state_dict(sd)
   variables = convert.from_official_state_dict(sd)
   samples = [
@@ -148,33 +139,14 @@ def test_sinusoid_table_close_to_official_buffer(fx):
   [(config_lib.default_config, 117_169), (config_lib.iemocap_config, 122_664)],
 )
 def test_parameter_count(make_config, expected):
-  config = make_config()
-  model = model_lib.create_model(config)
-  rng = np.random.default_rng(0)
-  sample = batching.Sample(
-    [
-      rng.standard_normal((3, d)).astype(np.float32)
-      for d in config.feature_dims
-    ]
-  )
-  batch = batching.GraphBatcher(config, batch_size=1)([sample])
-  params = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), batch, train=False)
-  )["params"]
+  params = helpers.mtag_abstract_params(make_config(), 3)
   assert sum(p.size for p in jax.tree.leaves(params)) == expected
 
 
 def test_init_distributions_follow_official():
   config = config_lib.default_config()
   model = model_lib.create_model(config)
-  rng = np.random.default_rng(0)
-  sample = batching.Sample(
-    [
-      rng.standard_normal((3, d)).astype(np.float32)
-      for d in config.feature_dims
-    ]
-  )
-  batch = batching.GraphBatcher(config, batch_size=1)([sample])
+  batch = helpers.mtag_single_batch(config, 3)
   params = model.init(jax.random.key(0), batch, train=False)["params"]
   kernel = np.asarray(params["mtgat_0"]["kernel"])
   assert np.abs(kernel).max() <= np.sqrt(6 / 128)
@@ -200,7 +172,7 @@ def test_train_mode_uses_dropout_and_eval_is_deterministic(fx):
 
 @pytest.mark.parametrize("scope", ["graph", "node"])
 def test_other_prune_scopes_run_and_differ(fx, scope):
-  sd = _state_dict(fx)
+  sd = helpers.official_state_dict(fx)
   config = convert.config_from_state_dict(sd)
   config.prune_scope = scope
   variables = convert.from_official_state_dict(sd)
@@ -223,7 +195,7 @@ def test_other_prune_scopes_run_and_differ(fx, scope):
 
 
 def test_random_pruning_keeps_k_uniformly(fx):
-  sd = _state_dict(fx)
+  sd = helpers.official_state_dict(fx)
   config = convert.config_from_state_dict(sd)
   config.prune_type = "random"
   variables = convert.from_official_state_dict(sd)

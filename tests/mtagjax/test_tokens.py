@@ -34,13 +34,18 @@ def _samples(rng, num=3):
   return out
 
 
-def test_token_modality_equals_one_hot_features_through_the_table():
-  rng = np.random.default_rng(0)
+def _setup(seed):
+  """The token config, three random samples, their batch, model and init."""
   c = _config()
-  samples = _samples(rng)
+  samples = _samples(np.random.default_rng(seed))
   batch = batching.GraphBatcher(c, batch_size=3)(samples)
   model = model_lib.create_model(c)
   variables = model.init(jax.random.key(0), batch, train=False)
+  return c, samples, batch, model, variables
+
+
+def test_token_modality_equals_one_hot_features_through_the_table():
+  c, samples, batch, model, variables = _setup(0)
   table = variables["params"]["embed_text"]["embedding"]["embedding"]
   assert table.shape == (VOCAB, 8)
   out, _ = model.apply(variables, batch, train=False)
@@ -70,12 +75,7 @@ def test_token_modality_equals_one_hot_features_through_the_table():
 
 
 def test_embedding_learns_only_the_ids_it_saw():
-  rng = np.random.default_rng(1)
-  c = _config()
-  samples = _samples(rng)
-  batch = batching.GraphBatcher(c, batch_size=3)(samples)
-  model = model_lib.create_model(c)
-  variables = model.init(jax.random.key(0), batch, train=False)
+  _, samples, batch, model, variables = _setup(1)
 
   def loss(params):
     out, _ = model.apply({"params": params}, batch, train=False)
