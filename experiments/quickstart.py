@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from d2vjax.datasets import images as images_lib
 from experiments.configs import d2v_vision, mtag_spoken
-from experiments.data import fetch, mtag_samples, pretrain_batches
+from experiments.data import fashion_mnist, mtag_samples
 from experiments.reports import plots
 from experiments.runtime import cli, writers
 from experiments.tasks import mtag as mtag_task
@@ -212,11 +212,7 @@ def run_d2v(
   workdir = out / "d2v"
   print(f"\n== data2vec: pretraining on Fashion-MNIST -> {workdir}")
   state = cli.run(config, str(workdir))
-  if not path:
-    path = fetch.apt_package(
-      pretrain_batches.FASHION_MNIST_PACKAGE, data_dir or None
-    )
-  splits = images_lib.load_fashion_mnist(path)
+  splits = fashion_mnist.load(path, data_dir)
   # Probe on a train slice and the whole test split.
   sizes = {"train": 24 if tiny else 5000, "test": None}
   size = config.model.image_size

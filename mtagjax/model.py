@@ -457,7 +457,7 @@ def create_model(config: ml_collections.ConfigDict) -> MTAG:
     head_hidden=config.head_hidden,
     output_dim=config.output_dim,
     dtype=None if config.dtype == "float32" else jnp.dtype(config.dtype),
-    backend=config.get("backend", "segment"),
+    backend=config.get("backend", config_lib.DEFAULTS.backend),
     vocab_sizes=vocab if any(vocab) else None,
-    dense_remat=config.get("dense_remat", True),
+    dense_remat=config.get("dense_remat", config_lib.DEFAULTS.dense_remat),
   )

@@ -7,9 +7,13 @@ take keyword overrides for any field of the model they build.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pathlib
-from collections.abc import Mapping
+import signal
+from collections.abc import Iterator, Mapping
 from typing import Any
+from unittest import mock
 
 import jax
 import numpy as np
@@ -33,46 +37,40 @@ TINY_CONV_LAYERS = ((16, 10, 5), (16, 3, 2))
 # data2vec.
 
 
-def tiny_audio_encoder(**overrides: Any) -> audio.AudioEncoder:
-  """A one-layer `AudioEncoder` of width 16 on `TINY_CONV_LAYERS`."""
-  fields = dict(
+# The transformer all tiny encoders share; each adds its front end below.
+_TINY_TRANSFORMER = dict(hidden=16, heads=2, mlp_dim=32)
+_TINY_FRONT_ENDS = {
+  audio.AudioEncoder: dict(
     conv_layers=TINY_CONV_LAYERS,
-    hidden=16,
     num_layers=1,
-    heads=2,
-    mlp_dim=32,
     pos_kernel_size=4,
     pos_groups=2,
     pos_depth=1,
-  )
-  return audio.AudioEncoder(**{**fields, **overrides})
+  ),
+  vision.VisionEncoder: dict(
+    image_size=16, patch_size=4, num_layers=3, drop_path_rate=0.1
+  ),
+  text.TextEncoder: dict(vocab_size=50, num_layers=1, max_positions=40),
+}
+
+
+def _tiny(cls, overrides):
+  return cls(**{**_TINY_TRANSFORMER, **_TINY_FRONT_ENDS[cls], **overrides})
+
+
+def tiny_audio_encoder(**overrides: Any) -> audio.AudioEncoder:
+  """A one-layer `AudioEncoder` of width 16 on `TINY_CONV_LAYERS`."""
+  return _tiny(audio.AudioEncoder, overrides)
 
 
 def tiny_vision_encoder(**overrides: Any) -> vision.VisionEncoder:
   """A three-block `VisionEncoder` of width 16 on 16x16 images, 4x4 patches."""
-  fields = dict(
-    image_size=16,
-    patch_size=4,
-    hidden=16,
-    num_layers=3,
-    heads=2,
-    mlp_dim=32,
-    drop_path_rate=0.1,
-  )
-  return vision.VisionEncoder(**{**fields, **overrides})
+  return _tiny(vision.VisionEncoder, overrides)
 
 
 def tiny_text_encoder(**overrides: Any) -> text.TextEncoder:
   """A one-layer `TextEncoder` of width 16, 50 ids, 40 positions."""
-  fields = dict(
-    vocab_size=50,
-    hidden=16,
-    num_layers=1,
-    heads=2,
-    mlp_dim=32,
-    max_positions=40,
-  )
-  return text.TextEncoder(**{**fields, **overrides})
+  return _tiny(text.TextEncoder, overrides)
 
 
 def init_rngs(seed: int = 0) -> dict[str, jax.Array]:
@@ -111,3 +109,43 @@ def mtag_abstract_params(config: Any, num_frames: int = 2) -> Any:
   return jax.eval_shape(
     lambda: model.init(jax.random.key(0), batch, train=False)
   )["params"]
+
+
+# ---------------------------------------------------------------------------
+# Training runs in a workdir (`experiments.runtime.driver`).
+
+
+def run_records(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+  """The records of a run's ``metrics.jsonl``, in the order written."""
+  from experiments.runtime import writers
+
+  return writers.read_jsonl(pathlib.Path(workdir) / writers.METRICS_FILENAME)
+
+
+def train_losses(workdir: str | pathlib.Path) -> dict[int, float]:
+  """``{step: train/loss}``; a step logged twice (resumed) keeps its last."""
+  return {
+    r["step"]: r["train/loss"]
+    for r in run_records(workdir)
+    if "train/loss" in r
+  }
+
+
+@contextlib.contextmanager
+def sigterm_at(step: int) -> Iterator[None]:
+  """Sends this process SIGTERM when a run's progress bar reaches `step`.
+
+  The run's own handler takes it (a checkpoint, then a clean return), as
+  it would a scheduler's preemption notice.
+  """
+  from experiments.runtime import progress
+
+  update = progress.Progress.update
+
+  def update_then_signal(self, at, metrics=None):
+    update(self, at, metrics)
+    if at == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with mock.patch.object(progress.Progress, "update", update_then_signal):
+    yield

@@ -42,7 +42,8 @@ checkpoint's). ``config.model.overrides`` (dropouts, drop path, LayerDrop,
 dtype) applies on top in every case.
 
 Data are *generated* by default (``config.data.source="synthetic"``, see
-`experiments.finetune_data`): speech is a sequence of tones, one pitch per
+the task modules `experiments.tasks.{ctc,image_classification,
+text_classification}`): speech is a sequence of tones, one pitch per
 letter of a random transcript; an image's class is the hue sector of its
 mean colour; a text's label is the most frequent token group (regression:
 the share of one group, scaled to STS-B's 0-5). Real sources:
@@ -119,7 +120,7 @@ def _common(task: str, modality: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   # "synthetic": generated examples; real ones per task: "spoken_sentences"
   # (speech), "fashion_mnist" (image), "sentiment" (text); see
-  # experiments.finetune_data.
+  # experiments.data.finetune_batches and the task modules.
   c.data.source = "synthetic"
   # Validation examples (synthetic), or the cap on a real validation split
   # (0 = all of it).

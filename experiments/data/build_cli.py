@@ -16,11 +16,14 @@ builders import each other (`speech_corpus` uses `spoken_reviews`).
 from __future__ import annotations
 
 import pathlib
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from absl import app
+from absl import app, flags
+
+FLAGS = flags.FLAGS
 
 
 def run(
@@ -46,6 +49,40 @@ def run(
   start = time.perf_counter()
   path = pathlib.Path(build(*args, **kwargs))
   return path, time.perf_counter() - start
+
+
+def define_spoken_flags(module_name: str, workers_help: str) -> None:
+  """The flags of the sets spoken by espeak (`spoken_reviews`,
+  `speech_corpus`): data directory, seed, size, split and workers.
+
+  Args:
+    module_name: the caller's ``__name__``, so that ``--help`` lists the
+      flags as the program's own.
+    workers_help: what ``--workers`` counts in that program.
+  """
+  # absl files the main module's flags under its path.
+  if module_name == "__main__":
+    module_name = sys.argv[0]
+  own = dict(module_name=module_name)
+  flags.DEFINE_string(
+    "data_dir", None, "Data directory (default: cache).", **own
+  )
+  flags.DEFINE_integer("seed", 0, "Seed of order, speakers and splits.", **own)
+  flags.DEFINE_integer("limit", None, "Build only this many sentences.", **own)
+  flags.DEFINE_bool(
+    "speaker_disjoint", False, "Hold out whole speakers.", **own
+  )
+  flags.DEFINE_integer("workers", 2, workers_help, **own)
+
+
+def spoken_options() -> dict[str, Any]:
+  """The builder keywords of `define_spoken_flags`'s flags."""
+  return {
+    "seed": FLAGS.seed,
+    "limit": FLAGS.limit,
+    "speaker_disjoint": FLAGS.speaker_disjoint,
+    "workers": FLAGS.workers,
+  }
 
 
 def folder_summary(path: pathlib.Path, seconds: float) -> str:

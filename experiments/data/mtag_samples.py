@@ -39,7 +39,7 @@ def pool_frames(frames: np.ndarray, width: int) -> np.ndarray:
 
 def spoken_reviews_path(d: ml_collections.ConfigDict) -> str:
   """The SpokenReviews folder of `config.data`: its `path`, else built."""
-  if d.get("path", ""):
+  if d.path:
     return d.path
   # Imported here: the builder pulls in the speech synthesiser, which only
   # this source needs.
@@ -47,12 +47,12 @@ def spoken_reviews_path(d: ml_collections.ConfigDict) -> str:
 
   return str(
     spoken_reviews.build(
-      d.get("data_dir", "") or None,
+      d.data_dir or None,
       seed=d.seed,
       limit=d.limit or None,
       speaker_disjoint=d.speaker_disjoint,
       workers=d.workers,
-      archive=d.get("archive", "") or None,
+      archive=d.archive or None,
     )
   )
 
@@ -78,7 +78,7 @@ def spoken_reviews_samples(config: ml_collections.ConfigDict) -> dict:
   path = spoken_reviews_path(d)
   raw = datasets.load_spoken_reviews(path)
   unk = int(raw["meta"]["text"]["unk_id"])
-  vocab_sizes = tuple(m.get("vocab_sizes", None) or (0,) * len(m.modalities))
+  vocab_sizes = tuple(m.vocab_sizes or (0,) * len(m.modalities))
   widths = {"vision": d.vision_pool, "audio": d.audio_pool}
   streams = {}
   for i, name in enumerate(m.modalities):
@@ -150,7 +150,7 @@ def load_data(config: ml_collections.ConfigDict) -> dict[str, list]:
     return spoken_reviews_samples(config)
   if d.source == "pickle":
     dataset = "iemocap" if config.train.loss.startswith("iemocap") else "mosi"
-    path = d.get("path", "")
+    path = d.path
     if not path:
       raise ValueError(
         "config.data.source='pickle' needs config.data.path (the .pkl file)"

@@ -72,7 +72,7 @@ from d2vjax import masking, pretrain, speech
 from d2vjax.datasets import audio as audio_lib
 from d2vjax.datasets import images as images_lib
 from d2vjax.datasets import text as text_lib
-from experiments.data import fetch, speech_corpus, text_corpus
+from experiments.data import fashion_mnist, speech_corpus, text_corpus
 
 # Data source -> the modalities it serves.
 SOURCES = {
@@ -81,7 +81,6 @@ SOURCES = {
   "corpus": ("text",),
   "speech": ("audio",),
 }
-FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 
 
 def num_frames(config: ml_collections.ConfigDict) -> int:
@@ -167,10 +166,10 @@ def _speech_waves(config, step, lo, hi) -> np.ndarray:
       f"{speech_corpus.SAMPLE_RATE} Hz"
     )
   sets = speech_sets(
-    d.get("speech_sets", "spoken_sentences"),
-    d.get("path", ""),
-    d.get("data_dir", ""),
-    d.get("speech_limit", 0),
+    d.speech_sets,
+    d.path,
+    d.data_dir,
+    d.speech_limit,
   )
   loader = audio_lib.CropLoader(
     sets, config.train.batch_size, d.num_samples, config.train.seed
@@ -215,16 +214,9 @@ def _synthetic_image(rng: np.random.Generator, size: int, out: np.ndarray):
   out += (rng.random((size, size, 3), np.float32) - 0.5) * np.float32(0.7)
 
 
-@functools.lru_cache(maxsize=2)
-def _fashion_mnist(path: str, data_dir: str) -> dict:
-  if not path:
-    path = str(fetch.apt_package(FASHION_MNIST_PACKAGE, data_dir or None))
-  return images_lib.load_fashion_mnist(path)
-
-
 def _image_loader(config) -> images_lib.ImageLoader:
   d = config.data
-  splits = _fashion_mnist(d.get("path", ""), d.get("data_dir", ""))
+  splits = fashion_mnist.load(d.path, d.data_dir)
   if d.split not in splits:
     raise ValueError(
       f"config.data.split={d.split!r}; use one of {tuple(splits)}"
@@ -351,11 +343,9 @@ def _default_corpus(data_dir: str, vocab: int, words: int) -> str:
 
 def _corpus_path(config) -> str:
   d = config.data
-  if d.get("path", ""):
+  if d.path:
     return d.path
-  return _default_corpus(
-    d.get("data_dir", ""), config.model.vocab_size, d.get("max_words", 0)
-  )
+  return _default_corpus(d.data_dir, config.model.vocab_size, d.max_words)
 
 
 def check_corpus_ids(config, meta: dict, path: str) -> None:

@@ -428,11 +428,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Defines the flags of `main`; only when run as a program (`build_cli`)."""
   flags.DEFINE_enum("set", "spoken_sentences", SETS, "Which set to build.")
-  flags.DEFINE_string("data_dir", None, "Data directory (default: cache).")
-  flags.DEFINE_integer("seed", 0, "Seed of order, speakers and splits.")
-  flags.DEFINE_integer("limit", None, "Build only this many sentences.")
-  flags.DEFINE_bool("speaker_disjoint", False, "Hold out whole speakers.")
-  flags.DEFINE_integer("workers", 2, "Synthesis or decoding processes.")
+  build_cli.define_spoken_flags(__name__, "Synthesis or decoding processes.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -442,14 +438,9 @@ def main(argv: Sequence[str]) -> None:
       argv, build_tuxpaint, FLAGS.data_dir, workers=FLAGS.workers
     )
   else:
+    options = build_cli.spoken_options()
     built = build_cli.run(
-      argv,
-      build_spoken_sentences,
-      FLAGS.data_dir,
-      seed=FLAGS.seed,
-      limit=FLAGS.limit,
-      speaker_disjoint=FLAGS.speaker_disjoint,
-      workers=FLAGS.workers,
+      argv, build_spoken_sentences, FLAGS.data_dir, **options
     )
   print(build_cli.folder_summary(*built))
 

@@ -361,25 +361,14 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Defines the flags of `main`; only when run as a program (`build_cli`)."""
-  flags.DEFINE_string("data_dir", None, "Data directory (default: cache).")
-  flags.DEFINE_integer("seed", 0, "Seed of order, speakers and splits.")
-  flags.DEFINE_integer("limit", None, "Build only this many sentences.")
-  flags.DEFINE_bool("speaker_disjoint", False, "Hold out whole speakers.")
-  flags.DEFINE_integer("workers", 2, "Synthesis processes.")
+  build_cli.define_spoken_flags(__name__, "Synthesis processes.")
 
 
 def main(argv: Sequence[str]) -> None:
   """Builds (or finds) the set the flags describe; prints its folder."""
-  path, seconds = build_cli.run(
-    argv,
-    build,
-    FLAGS.data_dir,
-    seed=FLAGS.seed,
-    limit=FLAGS.limit,
-    speaker_disjoint=FLAGS.speaker_disjoint,
-    workers=FLAGS.workers,
-  )
-  print(build_cli.folder_summary(path, seconds))
+  options = build_cli.spoken_options()
+  built = build_cli.run(argv, build, FLAGS.data_dir, **options)
+  print(build_cli.folder_summary(*built))
 
 
 if __name__ == "__main__":

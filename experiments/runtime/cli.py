@@ -13,6 +13,7 @@ training entry point is then three lines::
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,9 +29,16 @@ FLAGS = flags.FLAGS
 
 
 def define_run_flags(help_text: str) -> None:
-  """``--config`` (a config file with its ``:variant``) and ``--workdir``."""
+  """``--config`` (a config file with its ``:variant``) and ``--workdir``.
+
+  Call it from the program's ``__main__`` block: ``--help`` lists the
+  flags as the program's own.
+  """
   config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+  # absl's --help lists the main module's flags, filed under its path.
+  for name in ("config", "workdir"):
+    FLAGS.register_flag_by_module(sys.argv[0], FLAGS[name])
   flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -119,7 +119,7 @@ def run(task: base.Task, workdir: str) -> Any:
   steps_this_process = 0
   try:
     batches = prefetch.build_ahead(
-      task.build_batch, task.train_items(step), t.get("prefetch", 0)
+      task.build_batch, task.train_items(step), t.prefetch
     )
     # Closed on every way out: no build thread outlives the loop.
     with contextlib.closing(batches):

@@ -165,10 +165,9 @@ class Task(abc.ABC):
     """One update on a placed batch; `step` is the steps done before it."""
 
   def eval_due(self, step: int) -> bool:
-    """Whether validation runs after `step` steps (``train.eval_every``
-    and the last step, by default)."""
-    every = self.config.train.get("eval_every", 0)
-    return bool(every) and (step % every == 0 or step == self.total_steps)
+    """Whether validation runs after `step` steps (never, by default)."""
+    del step
+    return False
 
   def evaluate(self, state: Any, split: str) -> dict[str, float]:
     """Metrics of `state` on `split` (names without the ``eval/`` path)."""

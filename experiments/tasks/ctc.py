@@ -136,44 +136,25 @@ class Task(finetune.FinetuneTask):
       freeze_feature_extractor=m.freeze_feature_extractor,
     )
 
-  def model_inputs(self, batch: Batch) -> tuple[tuple, dict[str, Any]]:
-    return (batch["waveform"],), {"attention_mask": batch["attention_mask"]}
-
-  def apply(
-    self,
-    params: Any,
-    batch: Batch,
-    *,
-    train: bool,
-    rng: Array | None = None,
-    freeze_encoder: bool = False,
-  ) -> tuple[Array, Array]:
-    kw = {"rngs": {"dropout": rng}} if train else {}
-    return self.model.apply(
-      {"params": params},
-      batch["waveform"],
-      attention_mask=batch["attention_mask"],
-      time_mask=batch.get("time_mask"),  # none in validation batches
-      channel_mask=batch.get("channel_mask"),
-      train=train,
-      freeze_encoder=freeze_encoder,
-      **kw,
-    )
+  def model_inputs(self, batch, freeze_encoder=None):
+    kw = {"attention_mask": batch["attention_mask"]}
+    if freeze_encoder is not None:  # a step, not the initialisation
+      kw.update(
+        time_mask=batch.get("time_mask"),  # none in validation batches
+        channel_mask=batch.get("channel_mask"),
+        freeze_encoder=freeze_encoder,
+      )
+    return (batch["waveform"],), kw
 
   def losses(self, logits: Array, padding: Array, batch: Batch) -> Array:
     labels = batch["labels"]
     one = lambda *a: ft.ctc_loss(*(x[None] for x in a))
     return jax.vmap(one)(logits, padding, labels, labels == VOCAB.pad_id)
 
-  def scores(
-    self,
-    logits: np.ndarray,
-    padding: np.ndarray | None,
-    batches: list[Batch],
-    n: int,
-  ) -> dict[str, float]:
-    refs = [t for b in batches for t in b["text"]][:n]
-    hyps = [VOCAB.decode(ids) for ids in ft.greedy_decode(logits, padding)]
+  def scores(self, outputs):
+    refs = [t for b in outputs.batches for t in b["text"]][: outputs.n]
+    ids = ft.greedy_decode(outputs.logits, outputs.padding)
+    hyps = [VOCAB.decode(x) for x in ids]
     return {"wer": ft.wer(refs, hyps), "cer": ft.cer(refs, hyps)}
 
   # -- optimizer -------------------------------------------------------------
@@ -315,15 +296,8 @@ class Task(finetune.FinetuneTask):
 
   def _split(self, split: str) -> dict:
     d = self.config.data
-    return _speech_set(
-      d.path,
-      d.data_dir,
-      d.speech_limit,
-      d.speaker_disjoint,
-      split,
-      d.num_samples,
-      d.max_label_length,
-    )
+    source = (d.path, d.data_dir, d.speech_limit, d.speaker_disjoint)
+    return _speech_set(*source, split, d.num_samples, d.max_label_length)
 
   def real_size(self, split: str) -> int:
     return len(self._split(split)["keep"])

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import abc
 import functools
-import json
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -37,18 +36,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
-from etils import epath
 from jax.sharding import Mesh
 
-from d2vjax import convert
 from d2vjax import finetune as ft
 from experiments import tasks
 from experiments.data import finetune_batches
-from experiments.runtime import checkpoint as ckpt_lib
-from experiments.runtime import distributed, driver
+from experiments.runtime import distributed
 from experiments.runtime import mesh as mesh_lib
-from experiments.tasks import base, pretrain
+from experiments.tasks import base, encoders
 
 Array = jax.Array
 PyTree = Any
@@ -81,43 +76,6 @@ class FinetuneState:
 # The encoder.
 
 
-def _pretrained_encoder(
-  workdir: str, modality: str, mesh: Mesh
-) -> tuple[nn.Module, PyTree]:
-  """The student encoder of a data2vec pretraining run and its parameters.
-
-  The pretraining state is rebuilt abstractly from the run's `config.json`
-  (as today's configs spell it) with `experiments.tasks.pretrain.build`
-  and restored, replicated on `mesh`, from the newest readable step; the
-  EMA teacher and the regression head are then dropped (spec §3.1). The
-  whole state, optimizer moments included, is read once.
-  """
-  path = epath.Path(workdir) / ckpt_lib.CONFIG_FILENAME
-  saved = json.loads(path.read_text())
-  ptask = pretrain.Task(ml_collections.ConfigDict(saved))
-  ptask.config = ml_collections.ConfigDict(ptask.upgrade_saved_config(saved))
-  if ptask.config.modality != modality:
-    raise ValueError(
-      f"{workdir} pretrained a {ptask.config.modality} encoder; the task "
-      f"needs {modality}"
-    )
-  pretrainer = pretrain.build(ptask.config)
-  abstract = jax.eval_shape(pretrainer.init, jax.random.key(0))
-  replicated = mesh_lib.replicated(mesh)
-  target = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-    abstract,
-  )
-  with driver.open_checkpoints(ptask, workdir) as checkpoints:
-    restored = checkpoints.restore(target)
-  if restored is None:
-    raise FileNotFoundError(f"{workdir} holds no pretraining checkpoint")
-  state, _, step = restored
-  logging.info("encoder from pretraining step %d of %s", step, workdir)
-  params = ft.encoder_params_from_pretrained(state.params)
-  return pretrainer.model.encoder, params
-
-
 def load_encoder(
   config: ml_collections.ConfigDict, mesh: Mesh
 ) -> tuple[nn.Module, PyTree | None]:
@@ -130,14 +88,13 @@ def load_encoder(
     mesh: where pretraining checkpoints are restored to.
 
   Returns:
-    ``(encoder, params)``: the encoder (architecture from the config, the
-    pretraining run or the HF checkpoint) with ``config.model.overrides``
-    and the family's `FinetuneTask.encoder_overrides` applied, and its
-    pretrained parameter tree (None from scratch).
+    ``(encoder, params)``: see `experiments.tasks.encoders.load`, with the
+    family's `FinetuneTask.encoder_overrides`.
 
   Raises:
-    ValueError: for a task that is not a fine-tuning family, an unknown
-      ``config.init`` or an encoder of another modality.
+    ValueError: for a task that is not a fine-tuning family, a modality
+      that is not the family's, an unknown ``config.init`` or an encoder
+      of another modality.
   """
   family = tasks.get(config.task)
   if not issubclass(family, FinetuneTask):
@@ -147,33 +104,7 @@ def load_encoder(
       f"config.modality={config.modality!r}; the {family.name} task needs "
       f"{family.modality!r}"
     )
-  wanted = pretrain.ENCODERS[family.modality]
-  kind, _, where = config.init.partition(":")
-  params = None
-  if kind == "scratch" and not where:
-    arch = config.model.encoder.to_dict()
-    if "conv_layers" in arch:
-      # Module attributes must be hashable; JSON and flags give lists.
-      arch["conv_layers"] = tuple(tuple(x) for x in arch["conv_layers"])
-    encoder = wanted(**arch)
-  elif kind == "pretrain" and where:
-    encoder, params = _pretrained_encoder(where, family.modality, mesh)
-  elif kind == "hf" and where:
-    encoder, params = convert.load_hf_checkpoint(where)
-  else:
-    raise ValueError(
-      f"config.init={config.init!r}; use 'scratch', 'pretrain:<workdir>' or "
-      "'hf:<folder>'"
-    )
-  if not isinstance(encoder, wanted):
-    raise ValueError(
-      f"config.init={config.init!r} holds a {type(encoder).__name__}; the "
-      f"{family.name} task needs a {wanted.__name__}"
-    )
-  overrides = config.model.overrides.to_dict()
-  overrides["dtype"] = jnp.dtype(overrides["dtype"])
-  overrides.update(family.encoder_overrides)
-  return encoder.clone(parent=None, **overrides), params
+  return encoders.load(config, mesh, family.encoder_overrides)
 
 
 # ---------------------------------------------------------------------------
@@ -262,6 +193,27 @@ def eval_step(
   return out
 
 
+class Validation(NamedTuple):
+  """The model's outputs on the validation examples, for `scores`.
+
+  Attributes:
+    logits: ``[n, ...]`` of the first `n` rows (the spare rows of the last
+      batch left out).
+    padding: the CTC model's frame padding of those rows, else None.
+    batches: the validation batches, spare rows included.
+    n: the number of validation examples.
+  """
+
+  logits: np.ndarray
+  padding: np.ndarray | None
+  batches: list[Batch]
+  n: int
+
+  def labels(self) -> np.ndarray:
+    """The ``labels`` of the `n` examples."""
+    return np.concatenate([b["labels"] for b in self.batches])[: self.n]
+
+
 class FinetuneTask(base.Task, finetune_batches.FinetuneBatches):
   """A fine-tuning family: a data2vec encoder under a task head.
 
@@ -317,8 +269,15 @@ class FinetuneTask(base.Task, finetune_batches.FinetuneBatches):
     """The task model: `encoder` under the family's head."""
 
   @abc.abstractmethod
-  def model_inputs(self, batch: Batch) -> tuple[tuple, dict[str, Any]]:
-    """Positional and keyword model inputs of a batch (as to initialise)."""
+  def model_inputs(
+    self, batch: Batch, freeze_encoder: bool | None = None
+  ) -> tuple[tuple, dict[str, Any]]:
+    """Positional and keyword model inputs of a batch.
+
+    `freeze_encoder` is None when the model is initialised, else whether
+    this step trains only the head (only a family with
+    `frozen_encoder_steps` passes it on).
+    """
 
   def apply(
     self,
@@ -329,13 +288,13 @@ class FinetuneTask(base.Task, finetune_batches.FinetuneBatches):
     rng: Array | None = None,
     freeze_encoder: bool = False,
   ) -> tuple[Array, Array | None]:
-    """``(logits, padding)``: the model on a batch (no frame padding here)."""
-    del freeze_encoder  # only the CTC family freezes its encoder
-    args, kw = self.model_inputs(batch)
+    """``(logits, padding)``: the model on a batch; padding is the CTC
+    model's frame padding, None for the heads that pool."""
+    args, kw = self.model_inputs(batch, freeze_encoder)
     if train:
       kw["rngs"] = {"dropout": rng}
-    logits = self.model.apply({"params": params}, *args, train=train, **kw)
-    return logits, None
+    out = self.model.apply({"params": params}, *args, train=train, **kw)
+    return out if isinstance(out, tuple) else (out, None)
 
   @abc.abstractmethod
   def losses(self, logits: Array, padding: Array | None, batch: Batch) -> Array:
@@ -455,18 +414,13 @@ class FinetuneTask(base.Task, finetune_batches.FinetuneBatches):
     cat = lambda key: np.concatenate([o[key] for o in outs])[:n]
     padding = cat("padding") if "padding" in outs[0] else None
     result = {"loss": float(cat("loss").mean())}
-    result.update(self.scores(cat("logits"), padding, self._valid, n))
+    outputs = Validation(cat("logits"), padding, self._valid, n)
+    result.update(self.scores(outputs))
     return result
 
   @abc.abstractmethod
-  def scores(
-    self,
-    logits: np.ndarray,
-    padding: np.ndarray | None,
-    batches: list[Batch],
-    n: int,
-  ) -> dict[str, float]:
-    """The family's metrics of the first `n` validation examples."""
+  def scores(self, outputs: Validation) -> dict[str, float]:
+    """The family's metrics of the validation examples."""
 
   @property
   def best_metric(self) -> tuple[str, str]:

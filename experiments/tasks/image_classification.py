@@ -34,7 +34,7 @@ import optax
 from d2vjax import finetune as ft
 from d2vjax import optim
 from d2vjax.datasets import images as images_lib
-from experiments.data import pretrain_batches
+from experiments.data import fashion_mnist
 from experiments.tasks import finetune
 
 Array = jax.Array
@@ -68,7 +68,7 @@ class Task(finetune.FinetuneTask):
       encoder, num_classes=m.num_classes, init_scale=m.init_scale
     )
 
-  def model_inputs(self, batch: Batch) -> tuple[tuple, dict[str, Any]]:
+  def model_inputs(self, batch, freeze_encoder=None):
     return (batch["images"],), {}
 
   def losses(self, logits: Array, padding: None, batch: Batch) -> Array:
@@ -79,15 +79,9 @@ class Task(finetune.FinetuneTask):
       target = jax.nn.one_hot(batch["labels"], logits.shape[-1])
     return optax.softmax_cross_entropy(logits, target)
 
-  def scores(
-    self,
-    logits: np.ndarray,
-    padding: np.ndarray | None,
-    batches: list[Batch],
-    n: int,
-  ) -> dict[str, float]:
-    labels = np.concatenate([b["labels"] for b in batches])[:n]
-    return {"accuracy": float(np.mean(logits.argmax(axis=-1) == labels))}
+  def scores(self, outputs):
+    predicted = outputs.logits.argmax(axis=-1)
+    return {"accuracy": float(np.mean(predicted == outputs.labels()))}
 
   # -- optimizer -------------------------------------------------------------
 
@@ -161,7 +155,7 @@ class Task(finetune.FinetuneTask):
   def _loader(self, split: str) -> images_lib.ImageLoader:
     """Fashion-MNIST's train split (augmented) or its test split."""
     d, train = self.config.data, split == "train"
-    splits = pretrain_batches._fashion_mnist(d.path, d.data_dir)
+    splits = fashion_mnist.load(d.path, d.data_dir)
     images, labels = splits["train" if train else "test"]
     return images_lib.ImageLoader(
       images,
@@ -177,7 +171,7 @@ class Task(finetune.FinetuneTask):
 
   def real_size(self, split: str) -> int:
     d = self.config.data
-    splits = pretrain_batches._fashion_mnist(d.path, d.data_dir)
+    splits = fashion_mnist.load(d.path, d.data_dir)
     return len(splits["test" if split == "valid" else "train"][1])
 
   def real_train_batch(self, step: int) -> Batch:

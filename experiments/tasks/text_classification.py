@@ -101,7 +101,7 @@ class Task(finetune.FinetuneTask):
       encoder, num_labels=m.num_labels, pooler_dropout=m.pooler_dropout
     )
 
-  def model_inputs(self, batch: Batch) -> tuple[tuple, dict[str, Any]]:
+  def model_inputs(self, batch, freeze_encoder=None):
     return (batch["input_ids"],), {"attention_mask": batch["attention_mask"]}
 
   def losses(self, logits: Array, padding: None, batch: Batch) -> Array:
@@ -109,14 +109,8 @@ class Task(finetune.FinetuneTask):
     one = lambda x, y: ft.classification_loss(x[None], y[None], k)
     return jax.vmap(one)(logits, batch["labels"])
 
-  def scores(
-    self,
-    logits: np.ndarray,
-    padding: np.ndarray | None,
-    batches: list[Batch],
-    n: int,
-  ) -> dict[str, float]:
-    labels = np.concatenate([b["labels"] for b in batches])[:n]
+  def scores(self, outputs):
+    logits, labels = outputs.logits, outputs.labels()
     if self.config.model.num_labels == 1:
       preds = logits[:, 0]
       return {
@@ -184,14 +178,9 @@ class Task(finetune.FinetuneTask):
     }
 
   def _set(self) -> dict:
-    d = self.config.data
+    d, k = self.config.data, self.config.model.num_labels
     return _sentiment_set(
-      d.path,
-      d.corpus,
-      d.data_dir,
-      d.sentiment_task,
-      d.seq_len,
-      self.config.model.num_labels,
+      d.path, d.corpus, d.data_dir, d.sentiment_task, d.seq_len, k
     )
 
   def real_size(self, split: str) -> int:

@@ -3,7 +3,6 @@
 import json
 import os
 import pathlib
-import signal
 import struct
 import warnings
 
@@ -17,9 +16,10 @@ from d2vjax import convert
 from experiments import finetune_d2v, tasks
 from experiments.configs import d2v_finetune, d2v_vision
 from experiments.runtime import checkpoint as ckpt_lib
-from experiments.runtime import driver, progress, writers
+from experiments.runtime import driver
 from experiments.runtime import mesh as mesh_lib
 from experiments.tasks import base, ctc, finetune, pretrain
+from tests.helpers import run_records, sigterm_at, train_losses
 
 FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "d2v"
 TASKS = ("speech", "image", "text")
@@ -46,16 +46,6 @@ def task_with_encoder(c):
   return tasks.get(c.task)(c, encoder)
 
 
-def _records(workdir):
-  return writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-
-
-def _train_losses(workdir):
-  return {
-    r["step"]: r["train/loss"] for r in _records(workdir) if "train/loss" in r
-  }
-
-
 pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
@@ -78,11 +68,11 @@ def test_tiny_task_trains_evaluates_and_keeps_the_best(runs, task):
   workdir, state = runs(task)
   c = _config(task)
   assert int(state.step) == c.train.steps
-  losses = _train_losses(workdir)
+  losses = train_losses(workdir)
   assert sorted(losses) == list(range(1, c.train.steps + 1))
   assert all(np.isfinite(v) for v in losses.values())
   metric, _ = tasks.create(c).best_metric
-  evals = [r for r in _records(workdir) if metric in r]
+  evals = [r for r in run_records(workdir) if metric in r]
   assert [r["step"] for r in evals] == list(
     range(c.train.eval_every, c.train.steps + 1, c.train.eval_every)
   )
@@ -99,7 +89,7 @@ def test_image_accuracy_beats_chance(runs):
     [b["labels"] for b in task_with_encoder(c).valid_batches()]
   )[: c.data.num_valid]
   majority = np.bincount(labels).max() / labels.size
-  final = [r for r in _records(workdir) if "eval/valid/accuracy" in r][-1]
+  final = [r for r in run_records(workdir) if "eval/valid/accuracy" in r][-1]
   assert final["eval/valid/accuracy"] >= max(0.7, majority + 0.2)
 
 
@@ -110,25 +100,17 @@ def test_resume_reproduces_the_uninterrupted_losses(runs, tmp_path):
   state = finetune_d2v.run(_config("image", stop_after_steps=13), workdir)
   assert int(state.step) == 13
   finetune_d2v.run(_config("image"), workdir)
-  assert _train_losses(workdir) == _train_losses(full)  # bit for bit
+  assert train_losses(workdir) == train_losses(full)  # bit for bit
 
 
-def test_sigterm_checkpoints_and_resumes(runs, tmp_path, monkeypatch):
+def test_sigterm_checkpoints_and_resumes(runs, tmp_path):
   full, _ = runs("image")
   workdir = str(tmp_path)
-  update = progress.Progress.update
-
-  def update_then_signal(self, step, metrics=None):
-    update(self, step, metrics)
-    if step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  with monkeypatch.context() as m:
-    m.setattr(progress.Progress, "update", update_then_signal)
+  with sigterm_at(2):
     state = finetune_d2v.run(_config("image"), workdir)
   assert int(state.step) == 2
   finetune_d2v.run(_config("image"), workdir)
-  assert _train_losses(workdir) == _train_losses(full)
+  assert train_losses(workdir) == train_losses(full)
 
 
 def _adam_count(state, branch):
@@ -256,8 +238,8 @@ def test_hf_init_starts_from_the_converted_encoder(hf_vision, tmp_path):
     warnings.simplefilter("ignore")
     final = finetune_d2v.run(c, str(tmp_path))
   assert int(final.step) == 2
-  assert all(np.isfinite(v) for v in _train_losses(str(tmp_path)).values())
-  assert any("eval/valid/accuracy" in r for r in _records(str(tmp_path)))
+  assert all(np.isfinite(v) for v in train_losses(str(tmp_path)).values())
+  assert any("eval/valid/accuracy" in r for r in run_records(str(tmp_path)))
 
 
 def test_pretrain_init_takes_the_student_encoder(tmp_path):

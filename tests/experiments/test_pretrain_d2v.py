@@ -10,8 +10,9 @@ import pytest
 from experiments import pretrain_d2v
 from experiments.configs import d2v_audio, d2v_text, d2v_vision
 from experiments.data import pretrain_batches
-from experiments.runtime import distributed, progress, writers
+from experiments.runtime import distributed, writers
 from experiments.tasks import pretrain as pretrain_task
+from tests.helpers import sigterm_at, train_losses
 
 CONFIGS = {"audio": d2v_audio, "vision": d2v_vision, "text": d2v_text}
 METRICS = (
@@ -35,10 +36,6 @@ def _config(modality="vision", **train):
 def _records(workdir):
   path = os.path.join(workdir, "metrics.jsonl")
   return writers.read_jsonl(path, dedupe=True)
-
-
-def _losses(workdir):
-  return {r["step"]: r["train/loss"] for r in _records(workdir)}
 
 
 pytestmark = pytest.mark.usefixtures("xla_cache")
@@ -75,33 +72,25 @@ def test_tiny_runs_and_logs_finite_metrics(modality, tmp_path):
   _check_finished_run(str(tmp_path), state, 6)
 
 
-def test_resume_reproduces_the_uninterrupted_losses(vision_run, tmp_path):
+def test_resume_reproduces_the_uninterruptedtrain_losses(vision_run, tmp_path):
   full, _ = vision_run
   workdir = str(tmp_path)
   stopped = pretrain_d2v.run(_config(stop_after_steps=2), workdir)
   assert int(stopped.step) == 2
   pretrain_d2v.run(_config(), workdir)
-  assert _losses(workdir) == _losses(full)  # bit for bit
+  assert train_losses(workdir) == train_losses(full)  # bit for bit
 
 
-def test_sigterm_checkpoints_and_resumes(vision_run, tmp_path, monkeypatch):
+def test_sigterm_checkpoints_and_resumes(vision_run, tmp_path):
   full, _ = vision_run
   workdir = str(tmp_path)
-  update = progress.Progress.update
-
-  def update_then_signal(self, step, metrics=None):
-    update(self, step, metrics)
-    if step == 3:
-      os.kill(os.getpid(), signal.SIGTERM)
-
   before = signal.getsignal(signal.SIGTERM)
-  with monkeypatch.context() as m:
-    m.setattr(progress.Progress, "update", update_then_signal)
+  with sigterm_at(3):
     stopped = pretrain_d2v.run(_config(), workdir)
   assert int(stopped.step) == 3
   assert signal.getsignal(signal.SIGTERM) == before  # handler removed
   pretrain_d2v.run(_config(), workdir)
-  assert _losses(workdir) == _losses(full)  # bit for bit
+  assert train_losses(workdir) == train_losses(full)  # bit for bit
 
 
 def test_eight_devices_match_one_device(vision_run, tmp_path):
@@ -110,7 +99,7 @@ def test_eight_devices_match_one_device(vision_run, tmp_path):
   c = _config()
   c.mesh.data = 8
   pretrain_d2v.run(c, str(tmp_path))
-  one, eight = _losses(full), _losses(str(tmp_path))
+  one, eight = train_losses(full), train_losses(str(tmp_path))
   assert one.keys() == eight.keys()
   np.testing.assert_allclose(
     list(eight.values()), list(one.values()), rtol=1e-5
@@ -128,7 +117,7 @@ def test_fsdp_shards_parameters(tmp_path):
   for leaf in jax.tree.leaves(state):
     if leaf.ndim >= 2:
       assert "fsdp" in tuple(leaf.sharding.spec), leaf.shape
-  assert all(np.isfinite(v) for v in _losses(str(tmp_path)).values())
+  assert all(np.isfinite(v) for v in train_losses(str(tmp_path)).values())
 
 
 def test_fsdp_that_does_not_divide_a_parameter_fails_at_start(tmp_path):

@@ -8,8 +8,9 @@ import pytest
 
 from experiments import train_mtag
 from experiments.configs import mtag_iemocap, mtag_mosi
-from experiments.runtime import progress, writers
+from experiments.runtime import writers
 from experiments.tasks import mtag as mtag_task
+from tests.helpers import sigterm_at, train_losses
 
 
 def _config(**train):
@@ -18,11 +19,6 @@ def _config(**train):
   for k, v in train.items():
     setattr(c.train, k, v)
   return c
-
-
-def _train_losses(workdir):
-  records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +31,7 @@ def uninterrupted(tmp_path_factory):
 def test_tiny_run_logs_evaluates_and_keeps_the_best(uninterrupted, capsys):
   workdir, state = uninterrupted
   records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  losses = _train_losses(workdir)
+  losses = train_losses(workdir)
   per_epoch = len(mtag_task.epoch_batches(np.arange(48), 8))
   assert sorted(losses) == list(range(1, 2 * per_epoch + 1))
   assert int(state.step) == 2 * per_epoch
@@ -54,7 +50,7 @@ def test_resume_reproduces_the_uninterrupted_losses(uninterrupted, tmp_path):
   train_mtag.run(_config(stop_after_steps=3), workdir)
   train_mtag.run(_config(stop_after_steps=4), workdir)
   train_mtag.run(_config(), workdir)
-  assert _train_losses(workdir) == _train_losses(full)  # bit for bit
+  assert train_losses(workdir) == train_losses(full)  # bit for bit
 
 
 def test_building_in_the_loop_gives_the_same_run(uninterrupted, tmp_path):
@@ -63,30 +59,22 @@ def test_building_in_the_loop_gives_the_same_run(uninterrupted, tmp_path):
   assert _config().train.prefetch > 0
   workdir = str(tmp_path)
   train_mtag.run(_config(prefetch=0), workdir)
-  assert _train_losses(workdir) == _train_losses(full)  # bit for bit
+  assert train_losses(workdir) == train_losses(full)  # bit for bit
   records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   expected = writers.read_jsonl(os.path.join(full, "metrics.jsonl"))
   pick = lambda rs: [r["eval/valid/mae"] for r in rs if "eval/valid/mae" in r]
   assert pick(records) == pick(expected)
 
 
-def test_sigterm_checkpoints_and_resumes(uninterrupted, tmp_path, monkeypatch):
+def test_sigterm_checkpoints_and_resumes(uninterrupted, tmp_path):
   full, _ = uninterrupted
   workdir = str(tmp_path)
-  update = progress.Progress.update
-
-  def update_then_signal(self, step, metrics=None):
-    update(self, step, metrics)
-    if step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  with monkeypatch.context() as m:
-    m.setattr(progress.Progress, "update", update_then_signal)
+  with sigterm_at(2):
     state = train_mtag.run(_config(), workdir)
   assert int(state.step) == 2
   assert signal.getsignal(signal.SIGTERM) is not None
   train_mtag.run(_config(), workdir)
-  assert _train_losses(workdir) == _train_losses(full)
+  assert train_losses(workdir) == train_losses(full)
 
 
 def test_eight_devices_match_one_device(tmp_path):
@@ -97,7 +85,7 @@ def test_eight_devices_match_one_device(tmp_path):
     c.mesh.data, c.mesh.shards = devices, 8
     workdir = str(tmp_path / f"d{devices}")
     train_mtag.run(c, workdir)
-    losses.append(_train_losses(workdir))
+    losses.append(train_losses(workdir))
   assert losses[0].keys() == losses[1].keys()
   np.testing.assert_allclose(
     list(losses[0].values()), list(losses[1].values()), rtol=1e-5

@@ -6,7 +6,6 @@ example of what a new experiment writes: one `Task` subclass.
 
 import json
 import os
-import signal
 
 import flax
 import jax
@@ -16,9 +15,10 @@ import numpy as np
 import pytest
 
 from experiments import tasks
-from experiments.runtime import distributed, driver, progress, writers
+from experiments.runtime import distributed, driver
 from experiments.runtime import mesh as mesh_lib
 from experiments.tasks import base
+from tests.helpers import run_records, sigterm_at, train_losses
 
 
 @flax.struct.dataclass
@@ -72,6 +72,9 @@ class LeastSquares(base.Task):
   def train_step(self, state, batch, step):
     return self._step(state, batch)
 
+  def eval_due(self, step):
+    return step % self.config.train.eval_every == 0
+
   def evaluate(self, state, split):
     batch = self._rows([99, split == "test"], 0, self.config.train.batch_size)
     error = np.asarray(batch["x"] @ np.asarray(state.w) - batch["y"])
@@ -108,16 +111,6 @@ def _run(workdir, **train):
   return driver.run(LeastSquares(_config(**train)), str(workdir))
 
 
-def _records(workdir):
-  return writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-
-
-def _losses(workdir):
-  return {
-    r["step"]: r["train/loss"] for r in _records(workdir) if "train/loss" in r
-  }
-
-
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("full")
@@ -127,35 +120,27 @@ def full(tmp_path_factory):
 def test_logs_evaluates_keeps_best_and_reports_test(full, capsys):
   workdir, state = full
   assert int(state.step) == 12
-  assert sorted(_losses(workdir)) == list(range(1, 13))
-  valid = [r for r in _records(workdir) if "eval/valid/mse" in r]
+  assert sorted(train_losses(workdir)) == list(range(1, 13))
+  valid = [r for r in run_records(workdir) if "eval/valid/mse" in r]
   assert [r["step"] for r in valid] == [4, 8, 12]
   # SGD on a noiseless fit: every evaluation improves, the last is best.
   assert valid[0]["eval/valid/mse"] > valid[-1]["eval/valid/mse"]
   assert os.listdir(os.path.join(workdir, "best")) == ["12"]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "9"]
-  test = [r for r in _records(workdir) if "eval/test/mse" in r]
+  test = [r for r in run_records(workdir) if "eval/test/mse" in r]
   assert len(test) == 1 and test[0]["step"] == 12
 
 
-def test_resume_and_sigterm_reproduce_the_losses(full, tmp_path, monkeypatch):
+def test_resume_and_sigterm_reproduce_thetrain_losses(full, tmp_path):
   workdir, _ = full
   assert int(_run(tmp_path / "a", stop_after_steps=5).step) == 5
   _run(tmp_path / "a", prefetch=0)  # the build-ahead depth may change
-  assert _losses(tmp_path / "a") == _losses(workdir)  # bit for bit
+  assert train_losses(tmp_path / "a") == train_losses(workdir)  # bit for bit
 
-  update = progress.Progress.update
-
-  def update_then_signal(self, step, metrics=None):
-    update(self, step, metrics)
-    if step == 7:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  with monkeypatch.context() as m:
-    m.setattr(progress.Progress, "update", update_then_signal)
+  with sigterm_at(7):
     assert int(_run(tmp_path / "b").step) == 7
   _run(tmp_path / "b")
-  assert _losses(tmp_path / "b") == _losses(workdir)
+  assert train_losses(tmp_path / "b") == train_losses(workdir)
 
 
 def test_another_config_is_refused_and_legacy_configs_resume(tmp_path):
