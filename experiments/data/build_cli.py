@@ -23,8 +23,6 @@ from typing import Any
 
 from absl import app, flags
 
-FLAGS = flags.FLAGS
-
 
 def run(
   argv: Sequence[str], build: Callable[..., Any], *args: Any, **kwargs: Any
@@ -75,13 +73,13 @@ def define_spoken_flags(module_name: str, workers_help: str) -> None:
   flags.DEFINE_integer("workers", 2, workers_help, **own)
 
 
-def spoken_options() -> dict[str, Any]:
-  """The builder keywords of `define_spoken_flags`'s flags."""
+def spoken_options(values: Any) -> dict[str, Any]:
+  """The builder keywords of `define_spoken_flags`'s flags in `values`."""
   return {
-    "seed": FLAGS.seed,
-    "limit": FLAGS.limit,
-    "speaker_disjoint": FLAGS.speaker_disjoint,
-    "workers": FLAGS.workers,
+    "seed": values.seed,
+    "limit": values.limit,
+    "speaker_disjoint": values.speaker_disjoint,
+    "workers": values.workers,
   }
 
 

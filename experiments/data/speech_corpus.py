@@ -438,7 +438,7 @@ def main(argv: Sequence[str]) -> None:
       argv, build_tuxpaint, FLAGS.data_dir, workers=FLAGS.workers
     )
   else:
-    options = build_cli.spoken_options()
+    options = build_cli.spoken_options(FLAGS)
     built = build_cli.run(
       argv, build_spoken_sentences, FLAGS.data_dir, **options
     )

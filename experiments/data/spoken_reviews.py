@@ -366,7 +366,7 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   """Builds (or finds) the set the flags describe; prints its folder."""
-  options = build_cli.spoken_options()
+  options = build_cli.spoken_options(FLAGS)
   built = build_cli.run(argv, build, FLAGS.data_dir, **options)
   print(build_cli.folder_summary(*built))
 

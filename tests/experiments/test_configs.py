@@ -30,12 +30,15 @@ VARIANTS = [
   for modality in common.MODALITIES
   for arg in (None, "base", "tiny")
 ]
-# Fine-tuning keeps its per-family task names ("speech", "image", "text").
-_FAMILY_MODALITY = {"speech": "audio", "image": "vision", "text": "text"}
+# Fine-tuning variants are named by recipe; the task is the family's
+# registry name, the modality its encoder's.
+_FAMILIES = {
+  "speech": ("ctc", "audio"),
+  "image": ("image_classification", "vision"),
+  "text": ("text_classification", "text"),
+}
 VARIANTS += [
-  ("d2v_finetune", v, family, _FAMILY_MODALITY[family])
-  for v in _FINETUNE
-  for family in [v.partition("_")[0]]
+  ("d2v_finetune", v, *_FAMILIES[v.partition("_")[0]]) for v in _FINETUNE
 ]
 
 
@@ -69,7 +72,7 @@ def test_unknown_variants_fail():
 
 @pytest.mark.parametrize("tiny", [False, True])
 def test_finetuning_from_scratch_builds_the_pretraining_encoder(tiny):
-  for family, modality in _FAMILY_MODALITY.items():
+  for family, (_, modality) in _FAMILIES.items():
     pretrain = _get(f"d2v_{modality}", "tiny" if tiny else "base")
     finetune = _get("d2v_finetune", f"{family}_tiny" if tiny else family)
     encoder = finetune.model.encoder.to_dict()
