@@ -395,9 +395,10 @@ class Optimizer(NamedTuple):
   """An optax transform together with its learning-rate schedule.
 
   Attributes:
-    tx: the transform, wrapped in ``optax.inject_hyperparams``; use it as
-      any optax transform (``tx.init(params)``, ``tx.update(g, s, params)``;
-      ``params`` are required for the weight decay).
+    tx: the transform (`make_optimizer` wraps it in
+      ``optax.inject_hyperparams``); use it as any optax transform
+      (``tx.init(params)``, ``tx.update(g, s, params)``; ``params`` are
+      required for the weight decay).
     schedule: the learning rate as a function of the update count (the
       k-th update uses ``schedule(k - 1)``), e.g. for logging.
   """

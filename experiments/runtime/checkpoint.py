@@ -407,17 +407,18 @@ class Checkpointer:
     """The best `best_metric` saved so far, or None if none was."""
     return self._best_value
 
+  def _managers(self) -> list[ocp.CheckpointManager]:
+    return [m for m in (self._ckpt, self._best) if m is not None]
+
   def wait(self) -> None:
     """Blocks until every save started so far is on disk."""
-    self._ckpt.wait_until_finished()
-    if self._best is not None:
-      self._best.wait_until_finished()
+    for manager in self._managers():
+      manager.wait_until_finished()
 
   def close(self) -> None:
     """Finishes pending saves and releases orbax's threads."""
-    self._ckpt.close()
-    if self._best is not None:
-      self._best.close()
+    for manager in self._managers():
+      manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self

@@ -39,6 +39,7 @@ import optax
 from jax.sharding import Mesh
 
 from d2vjax import finetune as ft
+from d2vjax import optim
 from experiments import tasks
 from experiments.data import finetune_batches
 from experiments.runtime import distributed
@@ -49,10 +50,8 @@ Array = jax.Array
 PyTree = Any
 Batch = finetune_batches.Batch
 # (params, batch, *, train, rng=None, freeze_encoder=False)
-#   -> (logits, frame padding or None)
-ApplyFn = Callable[..., tuple[Array, Array | None]]
-# (logits, padding, batch) -> per-example losses [B]
-LossFn = Callable[[Array, Array | None, Batch], Array]
+#   -> (logits, frame padding or None, per-example losses [B])
+ForwardFn = Callable[..., tuple[Array, Array | None, Array]]
 
 
 @flax.struct.dataclass
@@ -129,10 +128,8 @@ def train_step(
   state: FinetuneState,
   batch: Batch,
   *,
-  apply_fn: ApplyFn,
-  loss_fn: LossFn,
-  tx: optax.GradientTransformation,
-  schedule: optax.Schedule,
+  forward: ForwardFn,
+  optimizer: optim.Optimizer,
   freeze_encoder: bool = False,
 ) -> tuple[FinetuneState, dict[str, Array]]:
   """One update; pure, with the dropout key folded from the step.
@@ -140,10 +137,10 @@ def train_step(
   Args:
     state: the current state.
     batch: a `FinetuneTask.batch_at` batch (on device).
-    apply_fn: the family's model function (static), `FinetuneTask.apply`.
-    loss_fn: its per-example losses (static), `FinetuneTask.losses`.
-    tx: the optimizer (static), from `FinetuneTask.make_optimizer`.
-    schedule: the optimizer's schedule, for logging the learning rate.
+    forward: the family's model and losses (static),
+      `FinetuneTask.forward`.
+    optimizer: its optimizer and schedule (static, the schedule for
+      logging), from `FinetuneTask.make_optimizer`.
     freeze_encoder: train just the head (fairseq's
       ``freeze_finetune_updates``): the encoder's gradient is stopped and
       the ``encoder`` branch of a multi-transform optimizer is left as it
@@ -156,13 +153,13 @@ def train_step(
   rng = jax.random.fold_in(state.rng, state.step)
 
   def objective(params):
-    logits, padding = apply_fn(
+    *_, losses = forward(
       params, batch, train=True, rng=rng, freeze_encoder=freeze_encoder
     )
-    return jnp.mean(loss_fn(logits, padding, batch))
+    return jnp.mean(losses)
 
   loss, grads = jax.value_and_grad(objective)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
   if freeze_encoder:
     # The encoder's gradient is zero here, so its update is too; keeping
     # its Adam state (count included) makes that phase invisible to it.
@@ -172,7 +169,7 @@ def train_step(
   metrics = {
     "loss": loss,
     "grad_norm": optax.tree.norm(grads),
-    "learning_rate": schedule(state.step),
+    "learning_rate": optimizer.schedule(state.step),
   }
   new_state = state.replace(
     step=state.step + 1,
@@ -183,11 +180,11 @@ def train_step(
 
 
 def eval_step(
-  params: PyTree, batch: Batch, *, apply_fn: ApplyFn, loss_fn: LossFn
+  params: PyTree, batch: Batch, *, forward: ForwardFn
 ) -> dict[str, Array]:
   """Eval-mode outputs: ``logits``, per-example ``loss`` (and ``padding``)."""
-  logits, padding = apply_fn(params, batch, train=False)
-  out = {"logits": logits, "loss": loss_fn(logits, padding, batch)}
+  logits, padding, losses = forward(params, batch, train=False)
+  out = {"logits": logits, "loss": losses}
   if padding is not None:
     out["padding"] = padding
   return out
@@ -300,6 +297,13 @@ class FinetuneTask(base.Task, finetune_batches.FinetuneBatches):
   def losses(self, logits: Array, padding: Array | None, batch: Batch) -> Array:
     """Per-example losses ``[B]``; their mean is the training loss."""
 
+  def forward(
+    self, params: PyTree, batch: Batch, **kw: Any
+  ) -> tuple[Array, Array | None, Array]:
+    """``(logits, padding, losses)``: `apply` (same keywords), `losses`."""
+    logits, padding = self.apply(params, batch, **kw)
+    return logits, padding, self.losses(logits, padding, batch)
+
   @abc.abstractmethod
   def create_schedule(self) -> optax.Schedule:
     """The learning rate of update k + 1 at k."""
@@ -310,10 +314,8 @@ class FinetuneTask(base.Task, finetune_batches.FinetuneBatches):
   ) -> list[optax.GradientTransformation]:
     """The family's gradient transformations, before the learning rate."""
 
-  def make_optimizer(
-    self, params: PyTree
-  ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """``(tx, schedule)``: clipping, the family's rule, the learning rate.
+  def make_optimizer(self, params: PyTree) -> optim.Optimizer:
+    """Clipping, the family's rule, the learning rate; and its schedule.
 
     The k-th update uses ``schedule(k - 1)``.
     """
@@ -322,7 +324,7 @@ class FinetuneTask(base.Task, finetune_batches.FinetuneBatches):
     parts += self.create_update_rule(params)
     schedule = self.create_schedule()
     parts.append(optax.scale_by_learning_rate(schedule))
-    return optax.chain(*parts), schedule
+    return optim.Optimizer(optax.chain(*parts), schedule)
 
   @property
   def frozen_encoder_steps(self) -> int:
@@ -352,9 +354,10 @@ class FinetuneTask(base.Task, finetune_batches.FinetuneBatches):
       params = jax.jit(ft.with_pretrained_encoder, out_shardings=replicated)(
         params, pretrained
       )
-    tx, schedule = self.make_optimizer(params)
-    statics = dict(apply_fn=self.apply, loss_fn=self.losses)
-    step = functools.partial(train_step, tx=tx, schedule=schedule, **statics)
+    optimizer = self.make_optimizer(params)
+    step = functools.partial(
+      train_step, forward=self.forward, optimizer=optimizer
+    )
     # Two compiled variants at most: the frozen-encoder phase, then the rest.
     self._steps = {
       frozen: jax.jit(
@@ -365,13 +368,16 @@ class FinetuneTask(base.Task, finetune_batches.FinetuneBatches):
       for frozen in (False, True)
     }
     self._eval = jax.jit(
-      functools.partial(eval_step, **statics),
+      functools.partial(eval_step, forward=self.forward),
       out_shardings=replicated,  # read back on every process
     )
     self._valid = self.valid_batches()
     return jax.jit(
       lambda p, r: FinetuneState(
-        step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=r
+        step=jnp.zeros((), jnp.int32),
+        params=p,
+        opt_state=optimizer.tx.init(p),
+        rng=r,
       ),
       out_shardings=replicated,
     )(params, rng)
