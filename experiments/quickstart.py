@@ -44,7 +44,7 @@ from tqdm import tqdm
 from d2vjax.datasets import images as images_lib
 from experiments.configs import d2v_vision, mtag_spoken
 from experiments.data import fashion_mnist, mtag_samples
-from experiments.reports import plots
+from experiments.reports import plots, probe
 from experiments.runtime import cli, writers
 from experiments.tasks import mtag as mtag_task
 from experiments.tasks import pretrain as pretrain_task
@@ -151,23 +151,6 @@ def run_mtag(
   return results, files
 
 
-def probe_images(images: np.ndarray, size: int) -> np.ndarray:
-  """Whole uint8 images resized and normalised as pretraining sees them."""
-  boxes = np.tile([0, 0, *images.shape[1:]], (len(images), 1))
-  x = images_lib.resize_boxes(images, boxes, size) / np.float32(255)
-  x = (x - images_lib.MEAN) / images_lib.STD
-  return np.repeat(x[..., None], 3, axis=-1).astype(np.float32)
-
-
-def encoder_features(model, params, images, *, batch: int = 256, desc=""):
-  """Mean-pooled patch features of the final encoder output, `[N, C]`."""
-  fn = jax.jit(lambda p, x: model.encoder.apply({"params": p}, x)[0][:, 1:])
-  parts = []
-  for lo in tqdm(range(0, len(images), batch), desc=desc, leave=False):
-    parts.append(np.asarray(fn(params, images[lo : lo + batch]).mean(1)))
-  return np.concatenate(parts)
-
-
 def linear_probe(
   train: tuple[np.ndarray, np.ndarray],
   test: tuple[np.ndarray, np.ndarray],
@@ -217,7 +200,7 @@ def run_d2v(
   sizes = {"train": 24 if tiny else 5000, "test": None}
   size = config.model.image_size
   data = {
-    s: (probe_images(x[:n], size), np.asarray(y[:n], np.int32))
+    s: (probe.probe_images(x[:n], size), np.asarray(y[:n], np.int32))
     for s, n in sizes.items()
     for x, y in [splits[s]]
   }
@@ -229,7 +212,17 @@ def run_d2v(
     ("random", random),
   ):
     feats = {
-      s: (encoder_features(model, params, x, desc=f"features ({name}, {s})"), y)
+      s: (
+        probe.encoder_features(
+          model.encoder,
+          params,
+          x,
+          progress=lambda it, d=f"features ({name}, {s})": tqdm(
+            it, desc=d, leave=False
+          ),
+        ),
+        y,
+      )
       for s, (x, y) in data.items()
     }
     out_acc[name] = linear_probe(

@@ -406,23 +406,34 @@ class FinetuneTask(base.Task, finetune_batches.FinetuneBatches):
   def evaluate(self, state: FinetuneState, split: str) -> dict[str, float]:
     """``loss`` (mean per example) and the family's `scores` on `split`.
 
-    Only ``"valid"``: `valid_batches`, built once in `setup`, with the
-    spare rows of the last batch left out.
+    ``"valid"``: `valid_batches`, built once in `setup`; a final split
+    (scored once, on the best checkpoint): `final_batches`. The spare rows
+    of the last batch are left out.
     """
-    if split != "valid":
-      raise ValueError(f"{self.name} scores only 'valid', not {split!r}")
+    if split == "valid":
+      batches, n = self._valid, self.num_valid()
+    elif split in self.final_splits:
+      batches, n = self.final_batches(split)
+    else:
+      raise ValueError(
+        f"{self.name} scores 'valid' and {list(self.final_splits)}, not "
+        f"{split!r}"
+      )
     outs = []
-    for batch in self._valid:
+    for batch in batches:
       device = {k: v for k, v in batch.items() if k != "text"}
       placed = distributed.from_global(device, self.batch_sharding)
       outs.append(jax.device_get(self._eval(state.params, placed)))
-    n = self.num_valid()
     cat = lambda key: np.concatenate([o[key] for o in outs])[:n]
     padding = cat("padding") if "padding" in outs[0] else None
     result = {"loss": float(cat("loss").mean())}
-    outputs = Validation(cat("logits"), padding, self._valid, n)
+    outputs = Validation(cat("logits"), padding, batches, n)
     result.update(self.scores(outputs))
     return result
+
+  def final_batches(self, split: str) -> tuple[list[Batch], int]:
+    """The batches of a final split (`final_splits`) and its size."""
+    raise NotImplementedError(f"{self.name} has no split {split!r}")
 
   @abc.abstractmethod
   def scores(self, outputs: Validation) -> dict[str, float]:

@@ -17,9 +17,13 @@ recipe as data2vec uses it (spec §6.2):
 
 Data (``config.data.source``): ``"synthetic"`` images are noise around a
 random colour, whose class is the hue sector of its mean colour;
-``"fashion_mnist"`` is Fashion-MNIST's 10 classes, the train split through
-`d2vjax.datasets.images.ImageLoader`'s augmentations, the test split (not
-augmented) for validation.
+``"fashion_mnist"`` is Fashion-MNIST's 10 classes
+(`experiments.data.fashion_mnist.labelled_splits`): ``data.valid_size``
+training images held out for validation, ``data.labels`` of the rest
+(class-balanced; 0 = all) through `d2vjax.datasets.images.ImageLoader`'s
+augmentations, and the 10,000 test images scored once at the end, on the
+best checkpoint (with ``valid_size=0`` they are the validation split, as
+before that field existed).
 """
 
 from __future__ import annotations
@@ -59,6 +63,12 @@ class Task(finetune.FinetuneTask):
   # Mean pooling replaces the final norm by fc_norm; nothing is masked.
   encoder_overrides = {"use_final_norm": False, "use_mask_token": False}
   default_best_metric = "eval/valid/accuracy"
+  # Workdirs from before the held-out validation split validated on test.
+  legacy_fields = finetune.FinetuneTask.legacy_fields | {
+    "data.valid_size": 0,
+    "data.labels": 0,
+    "data.subset_seed": 0,
+  }
 
   # -- model -----------------------------------------------------------------
 
@@ -152,11 +162,20 @@ class Task(finetune.FinetuneTask):
     )
     return batch
 
+  def _splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    d = self.config.data
+    return fashion_mnist.labelled_splits(
+      d.path,
+      d.data_dir,
+      valid_size=d.valid_size,
+      labels=d.labels,
+      subset_seed=d.subset_seed,
+    )
+
   def _loader(self, split: str) -> images_lib.ImageLoader:
-    """Fashion-MNIST's train split (augmented) or its test split."""
+    """The labelled training images (augmented), or an evaluation split."""
     d, train = self.config.data, split == "train"
-    splits = fashion_mnist.load(d.path, d.data_dir)
-    images, labels = splits["train" if train else "test"]
+    images, labels = self._splits()[split]
     return images_lib.ImageLoader(
       images,
       labels,
@@ -169,19 +188,32 @@ class Task(finetune.FinetuneTask):
       jitter=d.jitter,
     )
 
-  def real_size(self, split: str) -> int:
+  @property
+  def final_splits(self) -> tuple[str, ...]:
+    # The test images, once, on the best checkpoint -- unless they are the
+    # validation split (``data.valid_size=0``).
     d = self.config.data
-    splits = fashion_mnist.load(d.path, d.data_dir)
-    return len(splits["test" if split == "valid" else "train"][1])
+    held_out = d.source == self.real_source and d.valid_size
+    return ("test",) if held_out else ()
+
+  def real_size(self, split: str) -> int:
+    return len(self._splits()[split][1])
 
   def real_train_batch(self, step: int) -> Batch:
     batch = self._loader("train").batch(step)
     return {"images": batch["images"], "labels": batch["labels"]}
 
-  def real_valid_batches(self) -> list[Batch]:
-    # Eval batches of an unaugmented loader: within its first epoch every
-    # row is a different test image (spare rows wrap into the next).
-    loader = self._loader("valid")
-    count = -(-self.num_valid() // self.config.train.batch_size)
+  def _eval_batches(self, split: str, n: int) -> list[Batch]:
+    # Batches of an unaugmented loader: within its first epoch every row
+    # is a different image (spare rows wrap into the next).
+    loader = self._loader(split)
+    count = -(-n // self.config.train.batch_size)
     batches = [loader.batch(i) for i in range(count)]
     return [{"images": b["images"], "labels": b["labels"]} for b in batches]
+
+  def real_valid_batches(self) -> list[Batch]:
+    return self._eval_batches("valid", self.num_valid())
+
+  def final_batches(self, split: str) -> tuple[list[Batch], int]:
+    n = self.real_size(split)
+    return self._eval_batches(split, n), n

@@ -83,17 +83,26 @@ def test_fashion_mnist_task(tmp_path):
   with pytest.raises(ValueError, match="num_classes=10"):
     tasks.create(c).check_source()
   c.model.num_classes = 10
+  with pytest.raises(ValueError, match="config.data.valid_size=5000"):
+    task_with_encoder(c).num_valid()
+  c.data.valid_size, c.data.labels = 6, 10
   task = task_with_encoder(c)
   batch = task.batch_at(2)
   assert batch["images"].shape == (16, 16, 16, 3)
   assert batch["targets"].shape == (16, 10)
   np.testing.assert_allclose(batch["targets"].sum(-1), 1, rtol=1e-6)
-  assert task.num_valid() == 8
+  # 6 training images held out, 10 of the other 18 labelled.
+  assert task.num_valid() == 6 and task.real_size("train") == 10
+  assert task.final_splits == ("test",)
   (valid,) = task.valid_batches()
-  # The first 8 rows: every test image once, unaugmented.
-  assert sorted(valid["labels"][:8].tolist()) == sorted(
-    data["test"][1].tolist()
-  )
+  (test,), n = task.final_batches("test")
+  # The first n rows: every test image once, unaugmented.
+  assert n == 8
+  assert sorted(test["labels"][:8].tolist()) == sorted(data["test"][1].tolist())
+  # valid_size=0 validates on the test images and has no final split.
+  c.data.valid_size = 0
+  task = task_with_encoder(c)
+  assert task.num_valid() == 8 and task.final_splits == ()
   c.data.source = "spoken_sentences"
   with pytest.raises(
     ValueError, match="does not serve the image_classification task"

@@ -1,0 +1,1 @@
+"""Result tables as code: one command per table of `results/README.md`."""

@@ -1,0 +1,351 @@
+r"""data2vec vision on Fashion-MNIST: pretrained vs scratch with few labels.
+
+  python -m experiments.tables.d2v_vision [--only=REGEX] [--seeds=3]
+
+The grid (`experiments.tables.grid`; a killed grid resumes):
+
+* ``pretrain-s0``: data2vec pretraining of the small ViT of
+  ``d2v_vision.py:fmnist`` on the 60,000 unlabelled training images;
+* per label budget -- 600 (1 %), 6,000 (10 %) and all 55,000 training
+  images left after holding 5,000 out for validation -- and per seed:
+
+  - ``pixels``: softmax regression on the raw pixels;
+  - ``probe-random`` / ``probe-d2v``: softmax regression on the mean patch
+    feature of the encoder at initialisation / after pretraining;
+  - ``finetune-scratch`` / ``finetune-d2v``: ``d2v_finetune.py:
+    image_fmnist`` from a random encoder / from the pretrained one, the
+    same recipe and updates.
+
+A seed draws the labelled subset (class-balanced) and the run's own
+randomness; the probes on all the labels do not depend on it and run
+once. Every number is test accuracy of the model picked on the validation
+split. The table, its plot and the pretraining curves go to
+``results/d2v_vision/``, the table into ``results/README.md``; cell
+workdirs (checkpoints, the pretrained encoder) under
+``outputs/tables/d2v_vision/``.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from collections.abc import Sequence
+
+import jax
+import matplotlib
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # noqa: E402
+
+from experiments.configs import d2v_finetune, d2v_vision
+from experiments.data import fashion_mnist
+from experiments.reports import probe
+from experiments.runtime import cli, writers
+from experiments.runtime import mesh as mesh_lib
+from experiments.tables import grid
+from experiments.tasks import encoders
+
+FLAGS = flags.FLAGS
+
+# (column, labelled images (0 = all), fine-tuning updates)
+BUDGETS = (("1%", 600, 1_000), ("10%", 6_000, 2_000), ("100%", 0, 6_000))
+# The same columns on a few dozen images, for the tests.
+TINY_BUDGETS = (("1%", 10, 2), ("10%", 20, 2), ("100%", 0, 2))
+ROWS = {
+  "pixels": "softmax regression, pixels",
+  "probe-random": "linear probe, random encoder",
+  "probe-d2v": "linear probe, data2vec",
+  "finetune-scratch": "fine-tuned from scratch",
+  "finetune-d2v": "fine-tuned from data2vec",
+}
+PRETRAIN = "pretrain-s0"
+
+
+def pretrain_config(*, tiny: bool, data_path: str) -> ml_collections.ConfigDict:
+  """The pretraining recipe (``d2v_vision.py:fmnist``, or a tiny one)."""
+  c = d2v_vision.get_config("fmnist")
+  if tiny:
+    c.model.update(hidden=16, num_layers=2, heads=2, mlp_dim=32, top_k=2)
+    c.train.update(batch_size=8, steps=4, log_every=1, checkpoint_every=4)
+    c.optim.warmup_steps = 1
+  c.data.path = data_path
+  return c
+
+
+def finetune_config(
+  *, init: str, labels: int, steps: int, seed: int, tiny: bool, data_path: str
+) -> ml_collections.ConfigDict:
+  """``d2v_finetune.py:image_fmnist`` for one budget and seed."""
+  c = d2v_finetune.get_config("image_fmnist")
+  c.init = init
+  c.data.labels, c.data.subset_seed, c.train.seed = labels, seed, seed
+  c.train.steps = steps
+  if tiny:
+    c.model.encoder.update(hidden=16, num_layers=2, heads=2, mlp_dim=32)
+    c.data.valid_size = 20
+    c.train.update(batch_size=8, eval_every=2, log_every=1, checkpoint_every=2)
+    c.optim.warmup_steps = 1
+  c.data.path = data_path
+  return c
+
+
+def _spec(config: ml_collections.ConfigDict) -> dict:
+  """A run's spec: its config without where data and workdirs live."""
+  c = config.copy_and_resolve_references()
+  c.data.path = c.data.data_dir = ""
+  if c.get("init", "").startswith("pretrain:"):
+    c.init = f"pretrain:{PRETRAIN}"
+  return grid.spec_of(c)
+
+
+def _probe_spec(kind: str, config: ml_collections.ConfigDict) -> dict:
+  """A probe cell's spec: the data, the encoder and the probe's grid."""
+  d = config.data
+  spec = {
+    "probe": kind,
+    "l2_grid": list(probe.L2_GRID),
+    "data": {k: d[k] for k in ("valid_size", "labels", "subset_seed")},
+  }
+  if kind == "probe-random":
+    spec |= {
+      "encoder": config.model.encoder.to_dict(),
+      "seed": config.train.seed,
+    }
+  elif kind == "probe-d2v":
+    spec["init"] = f"pretrain:{PRETRAIN}"
+  return spec
+
+
+def _run_pretrain(config, workdir: pathlib.Path) -> grid.Metrics:
+  cli.run(config, str(workdir))
+  records = writers.read_jsonl(workdir / "metrics.jsonl", dedupe=True)
+  last = [r for r in records if "train/loss" in r][-1]
+  keys = ("train/loss", "train/target_var", "train/pred_var")
+  return {"steps": last["step"], **{k: last[k] for k in keys}}
+
+
+def _run_finetune(config, workdir: pathlib.Path) -> grid.Metrics:
+  cli.run(config, str(workdir))
+  records = writers.read_jsonl(workdir / "metrics.jsonl", dedupe=True)
+  valid = [
+    r["eval/valid/accuracy"] for r in records if "eval/valid/accuracy" in r
+  ]
+  test = [r for r in records if "eval/test/accuracy" in r][-1]
+  return {
+    "test/accuracy": test["eval/test/accuracy"],
+    "valid/accuracy": max(valid),
+  }
+
+
+def _run_probe(
+  kind: str, config: ml_collections.ConfigDict, _: pathlib.Path
+) -> grid.Metrics:
+  """Softmax regression on pixels or on an encoder's features."""
+  d = config.data
+  splits = fashion_mnist.labelled_splits(
+    d.path,
+    d.data_dir,
+    valid_size=d.valid_size,
+    labels=d.labels,
+    subset_seed=d.subset_seed,
+  )
+  if kind == "pixels":
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255
+    data = {s: (flat(x), y) for s, (x, y) in splits.items()}
+  else:
+    encoder, params = encoders.load(
+      config, mesh_lib.make_mesh(config, jax.device_count())
+    )
+    size = encoder.image_size
+    if params is None:  # the random encoder: as fine-tuning initialises it
+      dummy = np.zeros((1, size, size, 3), np.float32)
+      params = encoder.init(jax.random.key(config.train.seed), dummy)["params"]
+    data = {
+      s: (
+        probe.encoder_features(encoder, params, probe.probe_images(x, size)),
+        y,
+      )
+      for s, (x, y) in splits.items()
+    }
+  data = {s: (x, np.asarray(y, np.int32)) for s, (x, y) in data.items()}
+  return probe.probe(data["train"], data["valid"], data["test"], num_classes=10)
+
+
+def cells(
+  *, seeds: int, root: pathlib.Path, tiny: bool = False, data_path: str = ""
+) -> list[grid.Cell]:
+  """The table's cells in running order: pretraining, then per budget."""
+  pre = pretrain_config(tiny=tiny, data_path=data_path)
+  run = functools.partial(_run_pretrain, pre)
+  out = [grid.Cell(PRETRAIN, "pretraining", "", 0, _spec(pre), run)]
+  for column, labels, steps in TINY_BUDGETS if tiny else BUDGETS:
+    for seed in range(seeds):
+      for kind, row in ROWS.items():
+        tuned = kind.startswith("finetune")
+        if not labels and seed and not tuned:
+          continue  # a probe on all the labels has nothing left to draw
+        pretrained = kind.endswith("d2v")
+        c = finetune_config(
+          init=f"pretrain:{root / PRETRAIN}" if pretrained else "scratch",
+          labels=labels,
+          steps=steps,
+          seed=seed,
+          tiny=tiny,
+          data_path=data_path,
+        )
+        if tuned:
+          run, spec = functools.partial(_run_finetune, c), _spec(c)
+        else:
+          run = functools.partial(_run_probe, kind, c)
+          spec = _probe_spec(kind, c)
+        name = f"{kind}-{column.rstrip('%')}pct-s{seed}"
+        out.append(grid.Cell(name, row, column, seed, spec, run))
+  return out
+
+
+# -- the report -----------------------------------------------------------
+
+
+def _curves(workdir: pathlib.Path) -> dict[str, list[float]]:
+  """Pretraining loss and variances by step, from the run's metrics."""
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return {}
+  records = writers.read_jsonl(path, dedupe=True)
+  keys = ("train/loss", "train/target_var", "train/pred_var")
+  rows = [r for r in records if all(k in r for k in keys)]
+  return {"step": [r["step"] for r in rows]} | {
+    k: [r[k] for r in rows] for k in keys
+  }
+
+
+def _plot(records, curves, out: pathlib.Path) -> list[str]:
+  """Accuracy against labels; pretraining curves. Returns the files."""
+  files = []
+  fig, ax = plt.subplots(figsize=(6, 4))
+  sizes = {"1%": 600, "10%": 6_000, "100%": 55_000}
+  for row in ROWS.values():
+    points = [
+      (sizes[c], *grid.mean_of(records, row, c, "test/accuracy"))
+      for c, *_ in BUDGETS
+    ]
+    points = [p for p in points if p[3]]
+    if points:
+      x, mean, std, _ = map(np.asarray, zip(*points, strict=True))
+      ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=row)
+  ax.set(
+    xscale="log", xlabel="labelled training images", ylabel="test accuracy"
+  )
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out / "accuracy_vs_labels.png", dpi=120)
+  files.append("accuracy_vs_labels.png")
+  plt.close(fig)
+  if curves:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(curves["step"], curves["train/loss"])
+    a.set(xlabel="step", ylabel="regression loss", yscale="log")
+    b.plot(curves["step"], curves["train/target_var"], label="targets")
+    b.plot(curves["step"], curves["train/pred_var"], label="predictions")
+    b.set(xlabel="step", ylabel="variance across the batch")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pretraining.png", dpi=120)
+    files.append("pretraining.png")
+    plt.close(fig)
+  return files
+
+
+def report(records, results_dir: pathlib.Path, root: pathlib.Path) -> str:
+  """Renders the table (markdown), its plots and the pretraining curves."""
+  columns = [c for c, *_ in BUDGETS]
+  text = grid.render(
+    records,
+    metric="test/accuracy",
+    rows=list(ROWS.values()),
+    columns=columns,
+    row_header="Fashion-MNIST test accuracy",
+  )
+  gains = []
+  for c in columns:
+    d2v = grid.mean_of(records, ROWS["finetune-d2v"], c, "test/accuracy")
+    scratch = grid.mean_of(
+      records, ROWS["finetune-scratch"], c, "test/accuracy"
+    )
+    if d2v[2] and scratch[2]:
+      gains.append(f"{c}: {100 * (d2v[0] - scratch[0]):+.1f} points")
+  if gains:
+    text += "\nFine-tuned, data2vec minus scratch: " + ", ".join(gains) + ".\n"
+  curves = _curves(root / PRETRAIN)
+  if curves:
+    grid.write_json(results_dir / "pretrain_curves.json", curves)
+  pre = [r for r in records if r["name"] == PRETRAIN]
+  if pre:
+    m, hours = pre[0]["metrics"], pre[0]["seconds"] / 3600
+    text += (
+      f"\nPretraining: {int(m['steps'])} steps in {hours:.2f} h on "
+      f"{pre[0]['machine']['cpu']} ({pre[0]['machine']['cores']} cores); "
+      f"final loss {m['train/loss']:.4f}, target variance "
+      f"{m['train/target_var']:.3f}, prediction variance "
+      f"{m['train/pred_var']:.3f}.\n"
+    )
+  text += f"\nAll cells: {grid.total_hours(records):.2f} h of runs.\n"
+  for name in _plot(records, curves, results_dir):
+    text += f"\n![{name}](d2v_vision/{name})\n"
+  (results_dir / "table.md").write_text(text)
+  return text
+
+
+# -- the command ----------------------------------------------------------
+
+
+def define_flags() -> None:
+  """The table command's flags."""
+  flags.DEFINE_string(
+    "results_dir", "results/d2v_vision", "Cell records, table, plots."
+  )
+  flags.DEFINE_string("readme", "results/README.md", "Where the table goes.")
+  flags.DEFINE_string(
+    "workdir_root", "outputs/tables/d2v_vision", "The cells' workdirs."
+  )
+  flags.DEFINE_integer("seeds", 3, "Seeds per row and label budget.")
+  flags.DEFINE_string("only", "", "Run just the cells whose name matches.")
+  flags.DEFINE_bool("rerun", False, "Run cells again though saved.")
+  flags.DEFINE_bool("report_only", False, "Render the saved cells; run none.")
+  flags.DEFINE_string(
+    "compilation_cache", "outputs/jax_cache", "XLA's cache ('' = none)."
+  )
+  flags.DEFINE_bool("tiny", False, "Tiny models and runs (the tests).")
+  flags.DEFINE_string(
+    "fashion_mnist_path", "", "Folder of Fashion-MNIST IDX files ('' = fetch)."
+  )
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  grid.enable_compilation_cache(FLAGS.compilation_cache)
+  results, root = (
+    pathlib.Path(FLAGS.results_dir),
+    pathlib.Path(FLAGS.workdir_root),
+  )
+  table = cells(
+    seeds=FLAGS.seeds,
+    root=root,
+    tiny=FLAGS.tiny,
+    data_path=FLAGS.fashion_mnist_path,
+  )
+  if not FLAGS.report_only:
+    grid.run_grid(table, results, root, only=FLAGS.only, rerun=FLAGS.rerun)
+  text = report(grid.saved_records(results), results, root)
+  grid.update_readme(FLAGS.readme, "d2v_vision", text)
+  print(text)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

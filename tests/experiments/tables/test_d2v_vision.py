@@ -1,0 +1,79 @@
+"""The data2vec vision table, end to end on tiny models and images."""
+
+import json
+
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from experiments.tables import d2v_vision, grid
+from tests.d2vjax.test_datasets_images import write_fashion_mnist
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _flags():
+  if "results_dir" not in flags.FLAGS:
+    d2v_vision.define_flags()
+  flags.FLAGS.mark_as_parsed()
+
+
+def test_cells_cover_the_table():
+  cells = d2v_vision.cells(
+    seeds=3, root=pytest.importorskip("pathlib").Path("w")
+  )
+  names = [c.name for c in cells]
+  assert names[0] == "pretrain-s0" and len(set(names)) == len(names)
+  # 5 rows x 3 seeds at 1% and 10%; at 100% the probes run once.
+  assert len(cells) == 1 + 2 * 15 + (2 * 3 + 3)
+  d2v = next(c for c in cells if c.name == "finetune-d2v-1pct-s1")
+  scratch = next(c for c in cells if c.name == "finetune-scratch-1pct-s1")
+  assert d2v.spec["config"]["init"] == "pretrain:pretrain-s0"
+  assert scratch.spec["config"]["init"] == "scratch"
+  # The same recipe and budget but for the initialisation.
+  strip = lambda s: {k: v for k, v in s["config"].items() if k != "init"}
+  assert strip(d2v.spec) == strip(scratch.spec)
+  assert d2v.spec["config"]["data"]["labels"] == 600
+
+
+def test_tiny_table_runs_and_resumes(tmp_path, capsys):
+  write_fashion_mnist(tmp_path / "fm", n_train=80, n_test=16)
+  results, readme = tmp_path / "results", tmp_path / "README.md"
+  args = dict(
+    results_dir=str(results),
+    readme=str(readme),
+    workdir_root=str(tmp_path / "work"),
+    seeds=1,
+    only="pretrain|1pct",
+    tiny=True,
+    fashion_mnist_path=str(tmp_path / "fm"),
+    compilation_cache="",
+  )
+  with flagsaver.flagsaver(**args):
+    d2v_vision.main(["d2v_vision"])
+  records = grid.saved_records(results)
+  assert {r["name"] for r in records} == {
+    "pretrain-s0",
+    *(f"{k}-1pct-s0" for k in d2v_vision.ROWS),
+  }
+  for r in records:
+    if r["row"] != "pretraining":
+      assert 0 <= r["metrics"]["test/accuracy"] <= 1, r
+  text = readme.read_text()
+  assert (
+    "<!-- begin:d2v_vision -->" in text and "fine-tuned from data2vec" in text
+  )
+  assert (results / "accuracy_vs_labels.png").exists()
+  assert (results / "pretraining.png").exists()
+  # Run again: everything is skipped.
+  capsys.readouterr()
+  with flagsaver.flagsaver(**args):
+    d2v_vision.main(["d2v_vision"])
+  out = capsys.readouterr().out
+  assert out.count("done before, skipped") == 6 and ": running" not in out
+  # A cell saved with another recipe is refused, not mixed in.
+  path = results / "cells" / "finetune-scratch-1pct-s0.json"
+  saved = json.loads(path.read_text())
+  saved["spec"]["config"]["train"]["steps"] = 99
+  path.write_text(json.dumps(saved))
+  with flagsaver.flagsaver(**args), pytest.raises(ValueError, match="spec"):
+    d2v_vision.main(["d2v_vision"])
