@@ -12,6 +12,8 @@ sees the whole input (Baevski et al., "data2vec", ICML 2022). The pieces:
   the EMA teacher (`ema`), losses (`losses`), optimisers and schedules
   (`optim`), and the model with its pure step (`pretrain`);
 * HF checkpoints: `load_hf_checkpoint` and `from_hf` (`convert`);
+* trained encoders as self-describing folders: `encoder_io.save` and
+  `encoder_io.load`;
 * fine-tuning heads, losses and metrics: `finetune`;
 * readers of real datasets: `datasets`, imported on first use (it needs
   scipy and soundfile, which the models do not).
@@ -36,6 +38,7 @@ from d2vjax import (
   dropout,
   ema,
   encoder,
+  encoder_io,
   finetune,
   initializers,
   losses,
@@ -92,6 +95,7 @@ __all__ = [
   "ema",
   "ema_decay_schedule",
   "encoder",
+  "encoder_io",
   "finetune",
   "from_hf",
   "initializers",

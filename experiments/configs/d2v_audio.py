@@ -70,6 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # audio per update, crop-to-shortest batches). Shapes here are static:
   # 176 clips of 20 s (11 per GPU of the reference) are ~59 minutes.
   c.train = common.train_config(batch_size=176, steps=400_000)
+  # The student encoder is saved to <workdir>/encoder/ at the end; these
+  # fractions of the run add <workdir>/encoder-<step>/ (d2vjax.encoder_io).
+  c.train.export_encoder_at = ()
 
   c.data = ml_collections.ConfigDict()
   # "synthetic": generated waveforms; "speech": crops of the sets of

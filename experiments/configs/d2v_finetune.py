@@ -40,7 +40,9 @@ Variants (spec §6):
 ``config.init`` picks the starting encoder: ``"scratch"`` (random, with the
 architecture in ``config.model.encoder``), ``"pretrain:<workdir>"`` (the
 student encoder of a `experiments.pretrain_d2v` run; the architecture is
-the pretraining config's) or ``"hf:<folder>"`` (an HF data2vec checkpoint
+the pretraining config's), ``"encoder:<folder>"`` (an encoder saved by
+`d2vjax.encoder_io`, e.g. the ``encoder/`` folder a pretraining run
+leaves in its workdir) or ``"hf:<folder>"`` (an HF data2vec checkpoint
 folder read by `d2vjax.convert.load_hf_checkpoint`; the architecture is the
 checkpoint's). ``config.model.overrides`` (dropouts, drop path, LayerDrop,
 dtype) applies on top in every case.

@@ -80,6 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # 16 GPUs x 8192 tokens = 256 x 512.
   c.train = common.train_config(batch_size=256, steps=1_000_000)
+  # The student encoder is saved to <workdir>/encoder/ at the end; these
+  # fractions of the run add <workdir>/encoder-<step>/ (d2vjax.encoder_io).
+  c.train.export_encoder_at = ()
 
   c.data = ml_collections.ConfigDict()
   # "synthetic": generated token sequences (experiments.data.pretrain_batches);

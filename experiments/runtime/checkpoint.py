@@ -52,6 +52,13 @@ BROKEN_DIRNAME = "broken"
 _ITEMS = ("state", "extra")
 
 
+def _absolute(workdir: str | os.PathLike) -> str:
+  """A local path made absolute: orbax refuses relative ones -- in its
+  background thread, after the loop has moved on."""
+  workdir = os.fspath(workdir)
+  return workdir if "://" in workdir else os.path.abspath(workdir)
+
+
 class Checkpointer:
   """Saves and restores a train state under a workdir with orbax.
 
@@ -110,7 +117,7 @@ class Checkpointer:
       raise ValueError(f"keep must be at least 1, got {keep}")
     if best_mode not in ("min", "max"):
       raise ValueError(f'best_mode must be "min" or "max", got {best_mode!r}')
-    self._workdir = epath.Path(workdir)
+    self._workdir = epath.Path(_absolute(workdir))
     self._best_metric = best_metric
     self._best_mode = best_mode
     # Steps that failed to restore in this process; see `_set_aside`.
@@ -411,7 +418,12 @@ class Checkpointer:
     return [m for m in (self._ckpt, self._best) if m is not None]
 
   def wait(self) -> None:
-    """Blocks until every save started so far is on disk."""
+    """Blocks until every save started so far is on disk.
+
+    Raises:
+      Exception: whatever made a background save fail (orbax raises it
+        here, or at the next save).
+    """
     for manager in self._managers():
       manager.wait_until_finished()
 

@@ -152,6 +152,7 @@ def run(task: base.Task, workdir: str) -> Any:
           checkpoints.save(
             step, state, extra=task.checkpoint_extra(step, marker), force=stop
           )
+        task.save_artifacts(state, step, workdir)
         if stop:
           checkpoints.wait()
           return state

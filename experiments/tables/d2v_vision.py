@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import shutil
 from collections.abc import Sequence
 
 import jax
@@ -96,8 +97,8 @@ def _spec(config: ml_collections.ConfigDict) -> dict:
   """A run's spec: its config without where data and workdirs live."""
   c = config.copy_and_resolve_references()
   c.data.path = c.data.data_dir = ""
-  if c.get("init", "").startswith("pretrain:"):
-    c.init = f"pretrain:{PRETRAIN}"
+  if c.get("init", "").startswith("encoder:"):
+    c.init = "encoder:pretrained"
   return grid.spec_of(c)
 
 
@@ -115,16 +116,29 @@ def _probe_spec(kind: str, config: ml_collections.ConfigDict) -> dict:
       "seed": config.train.seed,
     }
   elif kind == "probe-d2v":
-    spec["init"] = f"pretrain:{PRETRAIN}"
+    spec["init"] = "encoder:pretrained"
   return spec
 
 
-def _run_pretrain(config, workdir: pathlib.Path) -> grid.Metrics:
+def _run_pretrain(
+  config, artifact: pathlib.Path, workdir: pathlib.Path
+) -> grid.Metrics:
+  """Pretrains (or finishes pretraining); keeps its encoder as `artifact`."""
   cli.run(config, str(workdir))
   records = writers.read_jsonl(workdir / "metrics.jsonl", dedupe=True)
-  last = [r for r in records if "train/loss" in r][-1]
+  train = [r for r in records if "train/loss" in r]
+  if artifact.exists():
+    shutil.rmtree(artifact)
+  shutil.copytree(workdir / "encoder", artifact)
   keys = ("train/loss", "train/target_var", "train/pred_var")
-  return {"steps": last["step"], **{k: last[k] for k in keys}}
+  return {
+    "steps": train[-1]["step"],
+    # From the first logged step to the last: the run's own time, however
+    # many processes it took.
+    "train_hours": (train[-1]["time"] - train[0]["time"]) / 3600,
+    "encoder_mb": sum(f.stat().st_size for f in artifact.iterdir()) / 2**20,
+    **{k: train[-1][k] for k in keys},
+  }
 
 
 def _run_finetune(config, workdir: pathlib.Path) -> grid.Metrics:
@@ -175,11 +189,20 @@ def _run_probe(
 
 
 def cells(
-  *, seeds: int, root: pathlib.Path, tiny: bool = False, data_path: str = ""
+  *,
+  seeds: int,
+  results_dir: pathlib.Path,
+  tiny: bool = False,
+  data_path: str = "",
 ) -> list[grid.Cell]:
-  """The table's cells in running order: pretraining, then per budget."""
+  """The table's cells in running order: pretraining, then per budget.
+
+  The pretrained encoder is kept in ``<results_dir>/encoder/``
+  (`d2vjax.encoder_io`), where the later cells read it.
+  """
   pre = pretrain_config(tiny=tiny, data_path=data_path)
-  run = functools.partial(_run_pretrain, pre)
+  artifact = results_dir / "encoder"
+  run = functools.partial(_run_pretrain, pre, artifact)
   out = [grid.Cell(PRETRAIN, "pretraining", "", 0, _spec(pre), run)]
   for column, labels, steps in TINY_BUDGETS if tiny else BUDGETS:
     for seed in range(seeds):
@@ -189,7 +212,7 @@ def cells(
           continue  # a probe on all the labels has nothing left to draw
         pretrained = kind.endswith("d2v")
         c = finetune_config(
-          init=f"pretrain:{root / PRETRAIN}" if pretrained else "scratch",
+          init=f"encoder:{artifact}" if pretrained else "scratch",
           labels=labels,
           steps=steps,
           seed=seed,
@@ -285,13 +308,14 @@ def report(records, results_dir: pathlib.Path, root: pathlib.Path) -> str:
     grid.write_json(results_dir / "pretrain_curves.json", curves)
   pre = [r for r in records if r["name"] == PRETRAIN]
   if pre:
-    m, hours = pre[0]["metrics"], pre[0]["seconds"] / 3600
+    m, where = pre[0]["metrics"], pre[0]["machine"]
     text += (
-      f"\nPretraining: {int(m['steps'])} steps in {hours:.2f} h on "
-      f"{pre[0]['machine']['cpu']} ({pre[0]['machine']['cores']} cores); "
-      f"final loss {m['train/loss']:.4f}, target variance "
-      f"{m['train/target_var']:.3f}, prediction variance "
-      f"{m['train/pred_var']:.3f}.\n"
+      f"\nPretraining: {int(m['steps'])} steps in {m['train_hours']:.2f} h "
+      f"on {where['cpu']} ({where['cores']} cores); final loss "
+      f"{m['train/loss']:.4f}, target variance {m['train/target_var']:.3f}, "
+      f"prediction variance {m['train/pred_var']:.3f}. The encoder "
+      f"(`d2v_vision/encoder/`, {m['encoder_mb']:.1f} MiB) fine-tunes with "
+      "`--config.init=encoder:results/d2v_vision/encoder`.\n"
     )
   text += f"\nAll cells: {grid.total_hours(records):.2f} h of runs.\n"
   for name in _plot(records, curves, results_dir):
@@ -335,7 +359,7 @@ def main(argv: Sequence[str]) -> None:
   )
   table = cells(
     seeds=FLAGS.seeds,
-    root=root,
+    results_dir=results,
     tiny=FLAGS.tiny,
     data_path=FLAGS.fashion_mnist_path,
   )

@@ -44,6 +44,8 @@ RESUMABLE_FIELDS = (
   "train.checkpoint_every",
   "train.keep_checkpoints",
   "train.prefetch",
+  # What a run writes besides checkpoints, not how it trains.
+  "train.export_encoder_at",
   "mesh",
 )
 
@@ -182,3 +184,11 @@ class Task(abc.ABC):
     """The state after validation (e.g. a learning rate set from it)."""
     del scores
     return state
+
+  def save_artifacts(self, state: Any, step: int, workdir: str) -> None:
+    """Writes what the run hands on after `step` (e.g. a trained encoder).
+
+    Called after every step, on every process, once its checkpoint (if
+    any) is saved; most steps write nothing.
+    """
+    del state, step, workdir

@@ -5,6 +5,9 @@
 * ``pretrain:<workdir>``: the student encoder of a data2vec pretraining
   run (`experiments.tasks.pretrain`), its EMA teacher and regression head
   dropped (spec §3.1);
+* ``encoder:<folder>``: an encoder saved by `d2vjax.encoder_io` (what a
+  pretraining run leaves in ``<workdir>/encoder/``), architecture
+  included;
 * ``hf:<folder>``: a HuggingFace checkpoint folder
   (`d2vjax.convert.load_hf_checkpoint`), architecture included.
 
@@ -27,7 +30,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from d2vjax import convert
+from d2vjax import convert, encoder_io
 from d2vjax import finetune as ft
 from experiments.runtime import checkpoint as ckpt_lib
 from experiments.runtime import driver
@@ -106,12 +109,14 @@ def load(
     encoder = wanted(**arch)
   elif kind == "pretrain" and where:
     encoder, params = _pretrained_encoder(where, config.modality, mesh)
+  elif kind == "encoder" and where:
+    encoder, params = encoder_io.load(where)
   elif kind == "hf" and where:
     encoder, params = convert.load_hf_checkpoint(where)
   else:
     raise ValueError(
-      f"config.init={config.init!r}; use 'scratch', 'pretrain:<workdir>' or "
-      "'hf:<folder>'"
+      f"config.init={config.init!r}; use 'scratch', 'pretrain:<workdir>', "
+      "'encoder:<folder>' or 'hf:<folder>'"
     )
   if not isinstance(encoder, wanted):
     raise ValueError(

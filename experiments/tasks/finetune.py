@@ -82,8 +82,8 @@ def load_encoder(
 
   Args:
     config: a fine-tuning config; ``config.task`` names the family,
-      ``config.init`` is ``"scratch"``, ``"pretrain:<workdir>"`` or
-      ``"hf:<folder>"``.
+      ``config.init`` is ``"scratch"``, ``"pretrain:<workdir>"``,
+      ``"encoder:<folder>"`` or ``"hf:<folder>"``.
     mesh: where pretraining checkpoints are restored to.
 
   Returns:

@@ -19,6 +19,7 @@ The task behind ``config.task="pretrain"`` (`experiments/configs/d2v_*.py`):
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -27,10 +28,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from d2vjax import audio, optim, text, tree_util, vision
+from d2vjax import audio, encoder_io, optim, text, tree_util, vision
 from d2vjax import ema as ema_lib
+from d2vjax import finetune as ft
 from d2vjax import pretrain as pretrain_lib
 from experiments.data import pretrain_batches
 from experiments.runtime import distributed
@@ -167,11 +171,12 @@ class Task(base.Task):
   """data2vec pretraining (``config.task="pretrain"``)."""
 
   name = "pretrain"
-  legacy_fields = {"task": "pretrain"}
+  legacy_fields = {"task": "pretrain", "train.export_encoder_at": ()}
 
   def setup(self, mesh: Mesh) -> pretrain_lib.PretrainState:
     c = self.config
     model, tx, ema, init = build(c)
+    self.encoder = model.encoder
     key = jax.random.key(c.train.seed)
     shardings = state_shardings(jax.eval_shape(init, key), mesh)
     self._step = jax.jit(
@@ -205,3 +210,32 @@ class Task(base.Task):
   def train_step(self, state, batch, step):
     del step
     return self._step(state, batch)
+
+  def export_steps(self) -> dict[int, str]:
+    """Steps whose student encoder is saved, and the folder names.
+
+    The last step's goes to ``encoder/``; ``train.export_encoder_at``
+    adds fractions of the run (``encoder-<step>/``), e.g. for fine-tuning
+    after a shorter pretraining.
+    """
+    total = self.total_steps
+    out = {round(f * total): "" for f in self.config.train.export_encoder_at}
+    out = {s: f"encoder-{s}" for s in out if 0 < s < total}
+    return out | {total: "encoder"}
+
+  def save_artifacts(self, state, step, workdir):
+    folder = self.export_steps().get(step)
+    if folder is None:
+      return
+    # Whole arrays on every process (FSDP shards live on several).
+    params = multihost_utils.process_allgather(
+      ft.encoder_params_from_pretrained(state.params), tiled=True
+    )
+    if jax.process_index() == 0:
+      encoder_io.save(
+        os.path.join(workdir, folder),
+        self.encoder,
+        params,
+        metadata={"pretraining_workdir": str(workdir), "step": step},
+      )
+      logging.info("step %d: encoder saved to %s/%s", step, workdir, folder)

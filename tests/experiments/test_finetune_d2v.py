@@ -242,29 +242,39 @@ def test_hf_init_starts_from_the_converted_encoder(hf_vision, tmp_path):
   assert any("eval/valid/accuracy" in r for r in run_records(str(tmp_path)))
 
 
-def test_pretrain_init_takes_the_student_encoder(tmp_path):
+def test_pretrain_and_encoder_init_take_the_student_encoder(tmp_path):
   # Not the pretrain_d2v entry point: its --config flag would clash with
   # other entry points imported in the same test process.
   pretrain_config = d2v_vision.get_config("tiny")
   pretrain_config.mesh.data = 1
-  pretrain_config.train.steps = 1
-  pretrained = driver.run(
-    pretrain.Task(pretrain_config), str(tmp_path / "pretrain")
+  pretrain_config.train.steps = 2
+  pretrain_config.train.export_encoder_at = (0.5,)
+  work = tmp_path / "pretrain"
+  pretrained = driver.run(pretrain.Task(pretrain_config), str(work))
+  # The run leaves its final encoder, and the one at half of the run.
+  assert (work / "encoder" / "params.msgpack").exists()
+  assert (
+    json.loads((work / "encoder-1" / "encoder.json").read_text())["metadata"][
+      "step"
+    ]
+    == 1
   )
-  c = _config("image")
-  c.init = f"pretrain:{tmp_path / 'pretrain'}"
-  encoder, params = finetune.load_encoder(c, _mesh(c))
-  m = pretrain_config.model
-  assert (encoder.hidden, encoder.num_layers) == (m.hidden, m.num_layers)
-  assert encoder.drop_path_rate == c.model.overrides.drop_path_rate
-  assert not encoder.use_final_norm
   want = traverse_util.flatten_dict(
     jax.device_get(pretrained.params["encoder"]), sep="/"
   )
-  got = traverse_util.flatten_dict(jax.device_get(params), sep="/")
-  assert got.keys() == want.keys()
-  for key, value in got.items():
-    np.testing.assert_array_equal(value, want[key], err_msg=key)
+  m = pretrain_config.model
+  c = _config("image")
+  # From the workdir's checkpoint, or from the saved encoder: the same.
+  for init in (f"pretrain:{work}", f"encoder:{work / 'encoder'}"):
+    c.init = init
+    encoder, params = finetune.load_encoder(c, _mesh(c))
+    assert (encoder.hidden, encoder.num_layers) == (m.hidden, m.num_layers)
+    assert encoder.drop_path_rate == c.model.overrides.drop_path_rate
+    assert not encoder.use_final_norm
+    got = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    assert got.keys() == want.keys()
+    for key, value in got.items():
+      np.testing.assert_array_equal(value, want[key], err_msg=key)
 
 
 # ---------------------------------------------------------------------------

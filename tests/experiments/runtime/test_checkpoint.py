@@ -114,6 +114,31 @@ def test_round_trip_is_bit_exact(workdir):
   )
 
 
+def test_relative_workdir_saves(tmp_path, monkeypatch):
+  # orbax takes only absolute paths and fails in its background thread.
+  monkeypatch.chdir(tmp_path)
+  state = _make_state()
+  with ckpt_lib.Checkpointer("rel/run", _config()) as ckpt:
+    ckpt.save(3, state)
+    ckpt.wait()
+  with ckpt_lib.Checkpointer("rel/run", _config()) as ckpt:
+    restored, _, step = ckpt.restore(_make_state(seed=9))
+  assert step == 3
+  _assert_bit_equal(restored, state)
+
+
+def test_a_failed_background_save_raises(tmp_path, monkeypatch):
+  # A relative path reaching orbax fails in its background commit thread;
+  # waiting for the save raises it.
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(ckpt_lib, "_absolute", lambda w: w)
+  ckpt = ckpt_lib.Checkpointer("rel/run", _config())
+  with pytest.raises(ValueError, match="should be absolute"):
+    ckpt.save(1, _make_state())
+    ckpt.wait()
+  ckpt.close()
+
+
 def test_restore_into_sharded_abstract_target(workdir):
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
   state = _make_state()

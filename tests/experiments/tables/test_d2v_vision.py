@@ -1,6 +1,7 @@
 """The data2vec vision table, end to end on tiny models and images."""
 
 import json
+import pathlib
 
 import pytest
 from absl import flags
@@ -18,16 +19,14 @@ def _flags():
 
 
 def test_cells_cover_the_table():
-  cells = d2v_vision.cells(
-    seeds=3, root=pytest.importorskip("pathlib").Path("w")
-  )
+  cells = d2v_vision.cells(seeds=3, results_dir=pathlib.Path("r"))
   names = [c.name for c in cells]
   assert names[0] == "pretrain-s0" and len(set(names)) == len(names)
   # 5 rows x 3 seeds at 1% and 10%; at 100% the probes run once.
   assert len(cells) == 1 + 2 * 15 + (2 * 3 + 3)
   d2v = next(c for c in cells if c.name == "finetune-d2v-1pct-s1")
   scratch = next(c for c in cells if c.name == "finetune-scratch-1pct-s1")
-  assert d2v.spec["config"]["init"] == "pretrain:pretrain-s0"
+  assert d2v.spec["config"]["init"] == "encoder:pretrained"
   assert scratch.spec["config"]["init"] == "scratch"
   # The same recipe and budget but for the initialisation.
   strip = lambda s: {k: v for k, v in s["config"].items() if k != "init"}
@@ -64,6 +63,7 @@ def test_tiny_table_runs_and_resumes(tmp_path, capsys):
   )
   assert (results / "accuracy_vs_labels.png").exists()
   assert (results / "pretraining.png").exists()
+  assert (results / "encoder" / "encoder.json").exists()
   # Run again: everything is skipped.
   capsys.readouterr()
   with flagsaver.flagsaver(**args):
