@@ -252,6 +252,7 @@ def _image_fmnist() -> ml_collections.ConfigDict:
   c.data.source = "fashion_mnist"
   # 600 labelled images (1 %); the results table sets 6,000 and all.
   c.data.labels = 600
+  c.data.num_valid = 0  # all 5,000 held-out images
   c.data.crop_scale = (0.35, 1.0)  # as in pretraining
   c.train.batch_size = 64
   c.train.steps = 1_000

@@ -98,7 +98,8 @@ def _spec(config: ml_collections.ConfigDict) -> dict:
   c = config.copy_and_resolve_references()
   c.data.path = c.data.data_dir = ""
   if c.get("init", "").startswith("encoder:"):
-    c.init = "encoder:pretrained"
+    # encoders/<pretraining cell>/<encoder folder>, wherever results live.
+    c.init = "encoder:" + "/".join(pathlib.Path(c.init).parts[-2:])
   return grid.spec_of(c)
 
 
@@ -116,7 +117,7 @@ def _probe_spec(kind: str, config: ml_collections.ConfigDict) -> dict:
       "seed": config.train.seed,
     }
   elif kind == "probe-d2v":
-    spec["init"] = "encoder:pretrained"
+    spec["init"] = _spec(config)["config"]["init"]
   return spec
 
 
@@ -127,16 +128,19 @@ def _run_pretrain(
   cli.run(config, str(workdir))
   records = writers.read_jsonl(workdir / "metrics.jsonl", dedupe=True)
   train = [r for r in records if "train/loss" in r]
+  # The final encoder and those of export_encoder_at.
   if artifact.exists():
     shutil.rmtree(artifact)
-  shutil.copytree(workdir / "encoder", artifact)
+  for folder in sorted(workdir.glob("encoder*")):
+    shutil.copytree(folder, artifact / folder.name)
+  final = artifact / "encoder"
   keys = ("train/loss", "train/target_var", "train/pred_var")
   return {
     "steps": train[-1]["step"],
     # From the first logged step to the last: the run's own time, however
     # many processes it took.
     "train_hours": (train[-1]["time"] - train[0]["time"]) / 3600,
-    "encoder_mb": sum(f.stat().st_size for f in artifact.iterdir()) / 2**20,
+    "encoder_mb": sum(f.stat().st_size for f in final.iterdir()) / 2**20,
     **{k: train[-1][k] for k in keys},
   }
 
@@ -188,6 +192,20 @@ def _run_probe(
   return probe.probe(data["train"], data["valid"], data["test"], num_classes=10)
 
 
+def _pretrain_cell(
+  name: str, row: str, config: ml_collections.ConfigDict, results_dir
+) -> tuple[grid.Cell, pathlib.Path]:
+  """A pretraining cell, and where it keeps its encoders."""
+  encoders_dir = results_dir / "encoders" / name
+  run = functools.partial(_run_pretrain, config, encoders_dir)
+  return grid.Cell(name, row, "", 0, _spec(config), run), encoders_dir
+
+
+def _finetune_cell(name, row, column, seed, config) -> grid.Cell:
+  run = functools.partial(_run_finetune, config)
+  return grid.Cell(name, row, column, seed, _spec(config), run)
+
+
 def cells(
   *,
   seeds: int,
@@ -195,15 +213,16 @@ def cells(
   tiny: bool = False,
   data_path: str = "",
 ) -> list[grid.Cell]:
-  """The table's cells in running order: pretraining, then per budget.
+  """The table's cells in running order: pretraining, then per budget,
+  then the ablations (`ablation_cells`).
 
-  The pretrained encoder is kept in ``<results_dir>/encoder/``
-  (`d2vjax.encoder_io`), where the later cells read it.
+  The pretrained encoders are kept in ``<results_dir>/encoders/<cell>/``
+  (`d2vjax.encoder_io`), where the later cells read them.
   """
   pre = pretrain_config(tiny=tiny, data_path=data_path)
-  artifact = results_dir / "encoder"
-  run = functools.partial(_run_pretrain, pre, artifact)
-  out = [grid.Cell(PRETRAIN, "pretraining", "", 0, _spec(pre), run)]
+  cell, encoders_dir = _pretrain_cell(PRETRAIN, "pretraining", pre, results_dir)
+  out = [cell]
+  kw = {"tiny": tiny, "data_path": data_path}
   for column, labels, steps in TINY_BUDGETS if tiny else BUDGETS:
     for seed in range(seeds):
       for kind, row in ROWS.items():
@@ -211,21 +230,61 @@ def cells(
         if not labels and seed and not tuned:
           continue  # a probe on all the labels has nothing left to draw
         pretrained = kind.endswith("d2v")
-        c = finetune_config(
-          init=f"encoder:{artifact}" if pretrained else "scratch",
-          labels=labels,
-          steps=steps,
-          seed=seed,
-          tiny=tiny,
-          data_path=data_path,
+        init = (
+          f"encoder:{encoders_dir / 'encoder'}" if pretrained else "scratch"
         )
+        c = finetune_config(
+          init=init, labels=labels, steps=steps, seed=seed, **kw
+        )
+        name = f"{column.rstrip('%')}pct-{kind}-s{seed}"
         if tuned:
-          run, spec = functools.partial(_run_finetune, c), _spec(c)
+          out.append(_finetune_cell(name, row, column, seed, c))
         else:
           run = functools.partial(_run_probe, kind, c)
           spec = _probe_spec(kind, c)
-        name = f"{kind}-{column.rstrip('%')}pct-s{seed}"
-        out.append(grid.Cell(name, row, column, seed, spec, run))
+          out.append(grid.Cell(name, row, column, seed, spec, run))
+  return out + ablation_cells(seeds=seeds, results_dir=results_dir, **kw)
+
+
+# Rows of the ablation table that other cells fill: the default recipe.
+ABLATION_DEFAULTS = ("top-3 blocks (default)", "100 % of pretraining (default)")
+
+
+def ablation_cells(
+  *, seeds: int, results_dir: pathlib.Path, tiny: bool, data_path: str
+) -> list[grid.Cell]:
+  """The paper's ablations at 1 % labels, fine-tuned as the main table.
+
+  * top-K: pretraining regresses the average of the top 1 or of all 6
+    blocks instead of 3 (the paper's Figure 3: averaging beats K = 1);
+  * pretraining length: fine-tuning from the encoders saved after 25 % and
+    50 % of the default run.
+  """
+  column, labels, steps = (TINY_BUDGETS if tiny else BUDGETS)[0]
+  kw = {"labels": labels, "steps": steps, "tiny": tiny, "data_path": data_path}
+  default = pretrain_config(tiny=tiny, data_path=data_path)
+  runs = []
+  for k in (1, default.model.num_layers):
+    c = pretrain_config(tiny=tiny, data_path=data_path)
+    c.model.top_k = k
+    c.train.export_encoder_at = ()
+    cell, where = _pretrain_cell(
+      f"ablation-pretrain-top{k}-s0", "pretraining", c, results_dir
+    )
+    runs.append((cell, f"top{k}", f"top-{k} block{'s' * (k > 1)}", where))
+  out = [cell for cell, *_ in runs]
+  encoders = [(name, row, where / "encoder") for _, name, row, where in runs]
+  total = default.train.steps
+  for fraction in default.train.export_encoder_at:
+    step = round(fraction * total)
+    folder = results_dir / "encoders" / PRETRAIN / f"encoder-{step}"
+    row = f"{100 * fraction:.0f} % of pretraining ({step} steps)"
+    encoders.append((f"len{step}", row, folder))
+  for seed in range(seeds):
+    for name, row, folder in encoders:
+      c = finetune_config(init=f"encoder:{folder}", seed=seed, **kw)
+      cell_name = f"ablation-{column.rstrip('%')}pct-{name}-s{seed}"
+      out.append(_finetune_cell(cell_name, row, column, seed, c))
   return out
 
 
@@ -283,6 +342,35 @@ def _plot(records, curves, out: pathlib.Path) -> list[str]:
   return files
 
 
+def _ablation_table(records) -> str:
+  """The ablations beside the default recipe (its 1 % fine-tuning cells)."""
+  rows = {
+    r["row"]
+    for r in records
+    if r["name"].startswith("ablation-") and r["row"] != "pretraining"
+  }
+  if not rows:
+    return ""
+  records = list(records) + [
+    dict(r, row=label)
+    for r in records
+    if r["name"].startswith("1pct-finetune-d2v-")
+    for label in ABLATION_DEFAULTS
+  ]
+  number = lambda row: float(row.split()[1 if row.startswith("top") else 0])
+  ordered = sorted(
+    rows | set(ABLATION_DEFAULTS),
+    key=lambda row: (not row.startswith("top"), number(row.replace("-", " "))),
+  )
+  return "\n" + grid.render(
+    records,
+    metric="test/accuracy",
+    rows=ordered,
+    columns=["1%"],
+    row_header="ablation: fine-tuned at 1 % labels",
+  )
+
+
 def report(records, results_dir: pathlib.Path, root: pathlib.Path) -> str:
   """Renders the table (markdown), its plots and the pretraining curves."""
   columns = [c for c, *_ in BUDGETS]
@@ -314,9 +402,11 @@ def report(records, results_dir: pathlib.Path, root: pathlib.Path) -> str:
       f"on {where['cpu']} ({where['cores']} cores); final loss "
       f"{m['train/loss']:.4f}, target variance {m['train/target_var']:.3f}, "
       f"prediction variance {m['train/pred_var']:.3f}. The encoder "
-      f"(`d2v_vision/encoder/`, {m['encoder_mb']:.1f} MiB) fine-tunes with "
-      "`--config.init=encoder:results/d2v_vision/encoder`.\n"
+      f"(`d2v_vision/encoders/{PRETRAIN}/encoder/`, {m['encoder_mb']:.1f} "
+      "MiB) fine-tunes with `--config.init=encoder:results/d2v_vision/"
+      f"encoders/{PRETRAIN}/encoder`.\n"
     )
+  text += _ablation_table(records)
   text += f"\nAll cells: {grid.total_hours(records):.2f} h of runs.\n"
   for name in _plot(records, curves, results_dir):
     text += f"\n![{name}](d2v_vision/{name})\n"

@@ -22,11 +22,12 @@ def test_cells_cover_the_table():
   cells = d2v_vision.cells(seeds=3, results_dir=pathlib.Path("r"))
   names = [c.name for c in cells]
   assert names[0] == "pretrain-s0" and len(set(names)) == len(names)
-  # 5 rows x 3 seeds at 1% and 10%; at 100% the probes run once.
-  assert len(cells) == 1 + 2 * 15 + (2 * 3 + 3)
-  d2v = next(c for c in cells if c.name == "finetune-d2v-1pct-s1")
-  scratch = next(c for c in cells if c.name == "finetune-scratch-1pct-s1")
-  assert d2v.spec["config"]["init"] == "encoder:pretrained"
+  # 5 rows x 3 seeds at 1% and 10%; at 100% the probes run once; then
+  # two more pretraining runs (top-K) and 4 ablation rows x 3 seeds.
+  assert len(cells) == 1 + 2 * 15 + (2 * 3 + 3) + 2 + 4 * 3
+  d2v = next(c for c in cells if c.name == "1pct-finetune-d2v-s1")
+  scratch = next(c for c in cells if c.name == "1pct-finetune-scratch-s1")
+  assert d2v.spec["config"]["init"] == "encoder:pretrain-s0/encoder"
   assert scratch.spec["config"]["init"] == "scratch"
   # The same recipe and budget but for the initialisation.
   strip = lambda s: {k: v for k, v in s["config"].items() if k != "init"}
@@ -42,7 +43,7 @@ def test_tiny_table_runs_and_resumes(tmp_path, capsys):
     readme=str(readme),
     workdir_root=str(tmp_path / "work"),
     seeds=1,
-    only="pretrain|1pct",
+    only="^pretrain-s0$|^1pct",
     tiny=True,
     fashion_mnist_path=str(tmp_path / "fm"),
     compilation_cache="",
@@ -52,7 +53,7 @@ def test_tiny_table_runs_and_resumes(tmp_path, capsys):
   records = grid.saved_records(results)
   assert {r["name"] for r in records} == {
     "pretrain-s0",
-    *(f"{k}-1pct-s0" for k in d2v_vision.ROWS),
+    *(f"1pct-{k}-s0" for k in d2v_vision.ROWS),
   }
   for r in records:
     if r["row"] != "pretraining":
@@ -63,7 +64,7 @@ def test_tiny_table_runs_and_resumes(tmp_path, capsys):
   )
   assert (results / "accuracy_vs_labels.png").exists()
   assert (results / "pretraining.png").exists()
-  assert (results / "encoder" / "encoder.json").exists()
+  assert (results / "encoders" / "pretrain-s0" / "encoder").is_dir()
   # Run again: everything is skipped.
   capsys.readouterr()
   with flagsaver.flagsaver(**args):
@@ -71,7 +72,7 @@ def test_tiny_table_runs_and_resumes(tmp_path, capsys):
   out = capsys.readouterr().out
   assert out.count("done before, skipped") == 6 and ": running" not in out
   # A cell saved with another recipe is refused, not mixed in.
-  path = results / "cells" / "finetune-scratch-1pct-s0.json"
+  path = results / "cells" / "1pct-finetune-scratch-s0.json"
   saved = json.loads(path.read_text())
   saved["spec"]["config"]["train"]["steps"] = 99
   path.write_text(json.dumps(saved))
