@@ -264,8 +264,18 @@ def render(
 
 
 def total_hours(records: Sequence[Mapping[str, Any]]) -> float:
-  """Hours the records' runs took, added up."""
-  return sum(r.get("seconds", 0.0) for r in records) / 3600
+  """Hours the records' runs took, added up.
+
+  A cell that reports its run's own ``train_hours`` (one that resumed a
+  run begun elsewhere) counts those, if longer than its own seconds.
+  """
+  return (
+    sum(
+      max(r.get("seconds", 0.0), 3600 * r["metrics"].get("train_hours", 0.0))
+      for r in records
+    )
+    / 3600
+  )
 
 
 def update_readme(path: str | os.PathLike, key: str, text: str) -> None:

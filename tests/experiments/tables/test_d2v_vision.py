@@ -11,6 +11,10 @@ from experiments.tables import d2v_vision, grid
 from tests.d2vjax.test_datasets_images import write_fashion_mnist
 
 
+# The cells' fine-tuning runs share their shapes: compile them once.
+pytestmark = pytest.mark.usefixtures("xla_cache")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _flags():
   if "results_dir" not in flags.FLAGS:
