@@ -10,7 +10,6 @@ from absl.testing import flagsaver
 from experiments.tables import d2v_vision, grid
 from tests.d2vjax.test_datasets_images import write_fashion_mnist
 
-
 # The cells' fine-tuning runs share their shapes: compile them once.
 pytestmark = pytest.mark.usefixtures("xla_cache")
 
