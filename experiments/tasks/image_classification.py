@@ -163,14 +163,20 @@ class Task(finetune.FinetuneTask):
     return batch
 
   def _splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    # Drawn once per task and data config: every training batch asks.
     d = self.config.data
-    return fashion_mnist.labelled_splits(
-      d.path,
-      d.data_dir,
-      valid_size=d.valid_size,
-      labels=d.labels,
-      subset_seed=d.subset_seed,
-    )
+    key = (d.path, d.data_dir, d.valid_size, d.labels, d.subset_seed)
+    cache = self.__dict__.setdefault("_split_cache", {})
+    if key not in cache:
+      cache.clear()
+      cache[key] = fashion_mnist.labelled_splits(
+        d.path,
+        d.data_dir,
+        valid_size=d.valid_size,
+        labels=d.labels,
+        subset_seed=d.subset_seed,
+      )
+    return cache[key]
 
   def _loader(self, split: str) -> images_lib.ImageLoader:
     """The labelled training images (augmented), or an evaluation split."""
