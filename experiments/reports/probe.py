@@ -10,6 +10,7 @@ the test split -- the test images never pick anything.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +35,11 @@ def probe_images(images: np.ndarray, size: int) -> np.ndarray:
   return np.repeat(x[..., None], 3, axis=-1).astype(np.float32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _pooled(encoder: Any, params: Any, images: jax.Array) -> jax.Array:
+  return encoder.apply({"params": params}, images)[0][:, 1:].mean(1)
+
+
 def encoder_features(
   encoder: Any,
   params: Any,
@@ -48,40 +54,28 @@ def encoder_features(
     encoder: a `d2vjax` vision encoder module.
     params: its parameters.
     images: ``[N, H, W, 3]`` normalised images (`probe_images`).
-    batch: images per forward pass; the last one is padded (one shape).
+    batch: images per forward pass; the last one is padded (one shape,
+      compiled once per encoder for every split).
     progress: wraps the batch iterator (e.g. ``tqdm``).
 
   Returns:
     float32 features.
   """
-  fn = jax.jit(lambda p, x: encoder.apply({"params": p}, x)[0][:, 1:].mean(1))
   parts = []
   for lo in progress(range(0, len(images), batch)):
     chunk = images[lo : lo + batch]
     pad = batch - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    parts.append(np.asarray(fn(params, chunk))[: batch - pad])
+    parts.append(np.asarray(_pooled(encoder, params, chunk))[: batch - pad])
   return np.concatenate(parts).astype(np.float32)
 
 
-def fit_softmax(
-  x: np.ndarray, y: np.ndarray, *, num_classes: int, l2: float, steps: int
+@functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
+def _fit(
+  x: jax.Array, y: jax.Array, l2: jax.Array, *, num_classes: int, steps: int
 ) -> dict[str, jax.Array]:
-  """Multinomial logistic regression with an L2 penalty on the weights.
-
-  Args:
-    x: ``[N, D]`` standardised features.
-    y: ``[N]`` integer labels.
-    num_classes: the number of classes.
-    l2: the penalty's weight (on ``sum(w ** 2) / 2``, beside the mean
-      cross-entropy).
-    steps: L-BFGS iterations.
-
-  Returns:
-    ``{"w": [D, K], "b": [K]}``.
-  """
-  x, y = jnp.asarray(x), jnp.asarray(y)
+  """L-BFGS on the penalised loss; `l2` traced, so one compile per shape."""
 
   def loss(p):
     logits = x @ p["w"] + p["b"]
@@ -103,8 +97,32 @@ def fit_softmax(
     "w": jnp.zeros((x.shape[1], num_classes)),
     "b": jnp.zeros((num_classes,)),
   }
-  run = jax.jit(lambda p: jax.lax.fori_loop(0, steps, body, (p, opt.init(p))))
-  return run(init)[0]
+  return jax.lax.fori_loop(0, steps, body, (init, opt.init(init)))[0]
+
+
+def fit_softmax(
+  x: np.ndarray, y: np.ndarray, *, num_classes: int, l2: float, steps: int
+) -> dict[str, jax.Array]:
+  """Multinomial logistic regression with an L2 penalty on the weights.
+
+  Args:
+    x: ``[N, D]`` standardised features.
+    y: ``[N]`` integer labels.
+    num_classes: the number of classes.
+    l2: the penalty's weight (on ``sum(w ** 2) / 2``, beside the mean
+      cross-entropy).
+    steps: L-BFGS iterations.
+
+  Returns:
+    ``{"w": [D, K], "b": [K]}``.
+  """
+  return _fit(
+    jnp.asarray(x),
+    jnp.asarray(y),
+    jnp.float32(l2),
+    num_classes=num_classes,
+    steps=steps,
+  )
 
 
 def _accuracy(p: dict[str, jax.Array], x: np.ndarray, y: np.ndarray) -> float:

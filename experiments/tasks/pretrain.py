@@ -32,8 +32,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from d2vjax import audio, encoder_io, optim, text, tree_util, vision
 from d2vjax import ema as ema_lib
+from d2vjax import encoder_io, optim, tree_util
 from d2vjax import finetune as ft
 from d2vjax import pretrain as pretrain_lib
 from experiments.data import pretrain_batches
@@ -41,11 +41,8 @@ from experiments.runtime import distributed
 from experiments.runtime import mesh as mesh_lib
 from experiments.tasks import base
 
-ENCODERS = {
-  "audio": audio.AudioEncoder,
-  "vision": vision.VisionEncoder,
-  "text": text.TextEncoder,
-}
+# The encoder class of each modality (one registry, `d2vjax.encoder_io`'s).
+ENCODERS = encoder_io.ENCODERS
 # config.model fields that configure the task rather than the encoder.
 _NOT_ENCODER_FIELDS = ("top_k", "dtype", "teacher_sees_only_masked")
 
