@@ -40,7 +40,7 @@ Array = jax.Array
 Initializer = Callable[..., Array]
 
 BLOCK_STYLES = ("post_ln", "pre_ln")
-TAPS = ("ffn", "end")
+TAPS = ("ffn", "ffn_residual", "end", "attention")
 
 BERT_INIT_STD = 0.02
 
@@ -284,6 +284,8 @@ class EncoderBlock(nn.Module):
   Attributes:
     index: 1-based depth of the block (BEiT's init rescaling uses it).
     drop_path_rate: stochastic-depth rate of this block (pre_ln).
+    tap: the tensor returned beside the block output (see
+      `TransformerEncoder.tap`).
     Others: as in `TransformerEncoder`.
   """
 
@@ -299,6 +301,7 @@ class EncoderBlock(nn.Module):
   layer_scale_init: float | None
   key_bias: bool
   index: int
+  tap: str = "ffn"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -309,7 +312,7 @@ class EncoderBlock(nn.Module):
     position_bias: Array | None,
     train: bool,
   ) -> tuple[Array, Array]:
-    """Returns `(block output, fc2 output)`, both `[B, T, C]`."""
+    """Returns `(block output, tapped tensor)`, both `[B, T, C]`."""
     if self.block == "pre_ln":
       base = truncated_normal_one_sigma(BERT_INIT_STD)
       # BEiT `fix_init_weight`: the two kernels that write into the residual
@@ -345,11 +348,13 @@ class EncoderBlock(nn.Module):
       return layer_norm_rows(norm, y).astype(self.dtype)
 
     if self.block == "post_ln":
-      h = dropout(attention(x, padding_mask, position_bias, train), det)
-      a = norm(x + h, "attn_layer_norm")
+      att = attention(x, padding_mask, position_bias, train)
+      a = norm(x + dropout(att, deterministic=det), "attn_layer_norm")
       fc = ffn(a)
-      x = norm(a + dropout(fc, deterministic=det), "final_layer_norm")
-      return x, fc
+      summed = a + dropout(fc, deterministic=det)
+      x = norm(summed, "final_layer_norm")
+      taps = {"ffn": fc, "ffn_residual": summed, "end": x, "attention": att}
+      return x, taps[self.tap]
 
     def scale(y, name):
       if self.layer_scale_init is None:
@@ -367,13 +372,15 @@ class EncoderBlock(nn.Module):
         return _drop_path(y, self.drop_path_rate, self.make_rng("dropout"))
       return y
 
-    h = attention(norm(x, "norm_before"), padding_mask, position_bias, train)
-    h = scale(dropout(h, deterministic=det), "gamma_1")
+    att = attention(norm(x, "norm_before"), padding_mask, position_bias, train)
+    h = scale(dropout(att, deterministic=det), "gamma_1")
     x = x + residual(h)
     fc = ffn(norm(x, "norm_after"))
     h = scale(dropout(fc, deterministic=det), "gamma_2")
     x = x + residual(h)
-    return x, fc
+    # Without a final LayerNorm, FFN + residual is the block output.
+    taps = {"ffn": fc, "ffn_residual": x, "end": x, "attention": att}
+    return x, taps[self.tap]
 
 
 class TransformerEncoder(nn.Module):
@@ -400,9 +407,13 @@ class TransformerEncoder(nn.Module):
     relative_position_grid: pre_ln only; `(h, w)` patch grid of a CLS +
       patches sequence. Adds one relative-position bias table shared by all
       blocks (zero init). None = no relative position bias.
-    tap: which per-block tensor goes to `aux["layer_results"]`: "ffn" = fc2
+    tap: which per-block tensor goes to `aux["layer_results"]` (the
+      teacher features of the data2vec paper's Table 4): "ffn" = fc2
       output before dropout, residual and LayerNorm (data2vec speech/text
-      target); "end" = block output (data2vec_vision target).
+      target); "ffn_residual" = FFN output plus the residual stream, before
+      the post-LN block's final LayerNorm (the block output in a pre-LN
+      block); "end" = block output (data2vec_vision target); "attention" =
+      the self-attention module's output, before dropout and residual.
     remat: recompute each block in the backward pass (`nn.remat`).
     dtype: compute dtype. Parameters are float32; LayerNorm and softmax are
       computed in float32.
@@ -499,7 +510,7 @@ class TransformerEncoder(nn.Module):
     hidden_states, layer_results = [x], []
     for i in range(self.num_layers):
       x = gradient_barrier(x)
-      y, fc = block_cls(
+      y, tapped = block_cls(
         hidden=self.hidden,
         heads=self.heads,
         mlp_dim=self.mlp_dim,
@@ -514,6 +525,7 @@ class TransformerEncoder(nn.Module):
         ),
         key_bias=self.key_bias,
         index=i + 1,
+        tap=self.tap,
         dtype=self.dtype,
         name=f"layers_{i}",
       )(x, padding_mask, position_bias, train)
@@ -525,7 +537,8 @@ class TransformerEncoder(nn.Module):
         y = jnp.where(keep, y, x)
       x = y
       hidden_states.append(x)
-      layer_results.append(fc if self.tap == "ffn" else x)
+      # Under LayerDrop "end" follows the layer actually kept.
+      layer_results.append(x if self.tap == "end" else tapped)
     aux = {
       "layer_results": jnp.stack(layer_results),
       "hidden_states": jnp.stack(hidden_states),

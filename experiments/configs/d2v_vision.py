@@ -50,7 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     attention_dropout_rate=0.05,
     drop_path_rate=0.25,
     layer_scale_init=1e-4,  # the README's value, not argparse's 0.1
-    tap="end",  # block outputs, as the released code (the paper: ffn)
+    # Block outputs, as the released code (the paper: ffn). Also
+    # "ffn_residual" (= "end" in these pre-LN blocks) and "attention", the
+    # teacher features of the paper's Table 4 (d2vjax.encoder.TAPS).
+    tap="end",
     top_k=6,  # --target_layers [6..11]
   )
 

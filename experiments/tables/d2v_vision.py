@@ -31,6 +31,7 @@ import functools
 import pathlib
 import shutil
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import matplotlib
@@ -246,44 +247,100 @@ def cells(
   return out + ablation_cells(seeds=seeds, results_dir=results_dir, **kw)
 
 
-# Rows of the ablation table that other cells fill: the default recipe.
-ABLATION_DEFAULTS = ("top-3 blocks (default)", "100 % of pretraining (default)")
+# The teacher features of the paper's Table 4, as this ViT's pre-LN blocks
+# have them: no LayerNorm follows the residual sum, so "FFN + residual" is
+# the end of the block.
+TARGET_ROWS = {
+  "ffn": "target: FFN output",
+  "end": "target: end of block (= FFN + residual)",
+  "attention": "target: self-attention output",
+}
 
 
-def ablation_cells(
-  *, seeds: int, results_dir: pathlib.Path, tiny: bool, data_path: str
-) -> list[grid.Cell]:
-  """The paper's ablations at 1 % labels, fine-tuned as the main table.
+class Ablation(NamedTuple):
+  """A row of the ablation table.
 
-  * top-K: pretraining regresses the average of the top 1 or of all 6
+  Attributes:
+    key: names its cells (``ablation-pretrain-<key>-s0``,
+      ``ablation-1pct-<key>-s<seed>``); None for the default recipe, whose
+      row the main table's 1 % fine-tuning cells fill.
+    row: the row's label.
+    pretrain: the pretraining run it needs, or None.
+    encoder: the encoder it fine-tunes when it needs no run of its own.
+  """
+
+  key: str | None
+  row: str
+  pretrain: ml_collections.ConfigDict | None = None
+  encoder: pathlib.Path | None = None
+
+
+def ablations(
+  *, results_dir: pathlib.Path, tiny: bool, data_path: str
+) -> list[Ablation]:
+  """The paper's ablations at 1 % labels, in the table's order.
+
+  * top-K: pretraining regresses the average of the top 1 or of all the
     blocks instead of 3 (the paper's Figure 3: averaging beats K = 1);
+  * target feature: the teacher's FFN output or its self-attention output
+    instead of the block output (the paper's Table 4: FFN best, attention
+    fails);
   * pretraining length: fine-tuning from the encoders saved after 25 % and
     50 % of the default run.
   """
-  column, labels, steps = (TINY_BUDGETS if tiny else BUDGETS)[0]
-  kw = {"labels": labels, "steps": steps, "tiny": tiny, "data_path": data_path}
   default = pretrain_config(tiny=tiny, data_path=data_path)
-  runs = []
-  for k in (1, default.model.num_layers):
-    c = pretrain_config(tiny=tiny, data_path=data_path)
-    c.model.top_k = k
+  m = default.model
+
+  def variant(**model) -> ml_collections.ConfigDict:
+    c = default.copy_and_resolve_references()
+    c.model.update(model)
     c.train.export_encoder_at = ()
-    cell, where = _pretrain_cell(
-      f"ablation-pretrain-top{k}-s0", "pretraining", c, results_dir
-    )
-    runs.append((cell, f"top{k}", f"top-{k} block{'s' * (k > 1)}", where))
-  out = [cell for cell, *_ in runs]
-  encoders = [(name, row, where / "encoder") for _, name, row, where in runs]
+    return c
+
+  out = []
+  for k in sorted({1, m.top_k, m.num_layers}):
+    row = f"top-{k} block{'s' * (k > 1)}"
+    if k == m.top_k:
+      out.append(Ablation(None, f"{row} (default)"))
+    else:
+      out.append(Ablation(f"top{k}", row, variant(top_k=k)))
+  for tap, row in TARGET_ROWS.items():
+    if tap == m.tap:
+      out.append(Ablation(None, f"{row} (default)"))
+    else:
+      out.append(Ablation(f"tap-{tap}", row, variant(tap=tap)))
   total = default.train.steps
   for fraction in default.train.export_encoder_at:
     step = round(fraction * total)
     folder = results_dir / "encoders" / PRETRAIN / f"encoder-{step}"
     row = f"{100 * fraction:.0f} % of pretraining ({step} steps)"
-    encoders.append((f"len{step}", row, folder))
+    out.append(Ablation(f"len{step}", row, encoder=folder))
+  out.append(Ablation(None, "100 % of pretraining (default)"))
+  return out
+
+
+def ablation_cells(
+  *, seeds: int, results_dir: pathlib.Path, tiny: bool, data_path: str
+) -> list[grid.Cell]:
+  """The ablations' pretraining runs, then their fine-tuning cells."""
+  column, labels, steps = (TINY_BUDGETS if tiny else BUDGETS)[0]
+  kw = {"labels": labels, "steps": steps, "tiny": tiny, "data_path": data_path}
+  plan = ablations(results_dir=results_dir, tiny=tiny, data_path=data_path)
+  out, encoders = [], []
+  for a in plan:
+    if a.key is None:
+      continue
+    folder = a.encoder
+    if a.pretrain is not None:
+      name = f"ablation-pretrain-{a.key}-s0"
+      cell, where = _pretrain_cell(name, "pretraining", a.pretrain, results_dir)
+      out.append(cell)
+      folder = where / "encoder"
+    encoders.append((a.key, a.row, folder))
   for seed in range(seeds):
-    for name, row, folder in encoders:
+    for key, row, folder in encoders:
       c = finetune_config(init=f"encoder:{folder}", seed=seed, **kw)
-      cell_name = f"ablation-{column.rstrip('%')}pct-{name}-s{seed}"
+      cell_name = f"ablation-{column.rstrip('%')}pct-{key}-s{seed}"
       out.append(_finetune_cell(cell_name, row, column, seed, c))
   return out
 
@@ -342,36 +399,33 @@ def _plot(records, curves, out: pathlib.Path) -> list[str]:
   return files
 
 
-def _ablation_table(records) -> str:
+def _ablation_table(records, plan: Sequence[Ablation]) -> str:
   """The ablations beside the default recipe (its 1 % fine-tuning cells)."""
-  rows = {
-    r["row"]
-    for r in records
-    if r["name"].startswith("ablation-") and r["row"] != "pretraining"
-  }
-  if not rows:
+  if not any(r["name"].startswith("ablation-1pct-") for r in records):
     return ""
+  defaults = [a.row for a in plan if a.key is None]
   records = list(records) + [
     dict(r, row=label)
     for r in records
     if r["name"].startswith("1pct-finetune-d2v-")
-    for label in ABLATION_DEFAULTS
+    for label in defaults
   ]
-  number = lambda row: float(row.split()[1 if row.startswith("top") else 0])
-  ordered = sorted(
-    rows | set(ABLATION_DEFAULTS),
-    key=lambda row: (not row.startswith("top"), number(row.replace("-", " "))),
-  )
   return "\n" + grid.render(
     records,
     metric="test/accuracy",
-    rows=ordered,
+    rows=[a.row for a in plan],
     columns=["1%"],
     row_header="ablation: fine-tuned at 1 % labels",
   )
 
 
-def report(records, results_dir: pathlib.Path, root: pathlib.Path) -> str:
+def report(
+  records,
+  results_dir: pathlib.Path,
+  root: pathlib.Path,
+  *,
+  tiny: bool = False,
+) -> str:
   """Renders the table (markdown), its plots and the pretraining curves."""
   columns = [c for c, *_ in BUDGETS]
   text = grid.render(
@@ -406,7 +460,8 @@ def report(records, results_dir: pathlib.Path, root: pathlib.Path) -> str:
       "MiB) fine-tunes with `--config.init=encoder:results/d2v_vision/"
       f"encoders/{PRETRAIN}/encoder`.\n"
     )
-  text += _ablation_table(records)
+  plan = ablations(results_dir=results_dir, tiny=tiny, data_path="")
+  text += _ablation_table(records, plan)
   text += f"\nAll cells: {grid.total_hours(records):.2f} h of runs.\n"
   for name in _plot(records, curves, results_dir):
     text += f"\n![{name}](d2v_vision/{name})\n"
@@ -455,7 +510,7 @@ def main(argv: Sequence[str]) -> None:
   )
   if not FLAGS.report_only:
     grid.run_grid(table, results, root, only=FLAGS.only, rerun=FLAGS.rerun)
-  text = report(grid.saved_records(results), results, root)
+  text = report(grid.saved_records(results), results, root, tiny=FLAGS.tiny)
   grid.update_readme(FLAGS.readme, "d2v_vision", text)
   print(text)
 

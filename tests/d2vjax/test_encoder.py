@@ -139,29 +139,43 @@ def _gelu(x):
   return 0.5 * x * (1 + special.erf(x / np.sqrt(2)))
 
 
+def _apply_every_tap(model, params, x, pad):
+  """`{tap: (y, aux)}` for the same parameters under each tap."""
+  return {
+    tap: model.clone(tap=tap).apply({"params": params}, x, padding_mask=pad)
+    for tap in encoder_lib.TAPS
+  }
+
+
 def test_post_ln_matches_numpy_reference():
   """`a = LN1(x + attn(x))`, `fc = fc2(gelu(fc1(a)))`, `x = LN2(a + fc)`."""
   model, x = make("post_ln"), inputs()
   params = init(model, x)
   pad = np.asarray(padding())
-  y, aux = model.apply({"params": params}, x, padding_mask=pad)
+  runs = _apply_every_tap(model, params, x, pad)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   h = np.asarray(x, np.float64)
   for i in range(L):
     q = p[f"layers_{i}"]
-    a = _ln(h + _attention(h, q["attention"], pad), q["attn_layer_norm"], 1e-5)
+    att = _attention(h, q["attention"], pad)
+    a = _ln(h + att, q["attn_layer_norm"], 1e-5)
     fc = _dense(_gelu(_dense(a, q["fc1"])), q["fc2"])
     h = _ln(a + fc, q["final_layer_norm"], 1e-5)
-    np.testing.assert_allclose(aux["layer_results"][i], fc, atol=2e-5)
-    np.testing.assert_allclose(aux["hidden_states"][i + 1], h, atol=2e-5)
-  np.testing.assert_allclose(y, h, atol=2e-5)
+    want = {"ffn": fc, "ffn_residual": a + fc, "end": h, "attention": att}
+    for tap, (_, aux) in runs.items():
+      np.testing.assert_allclose(
+        aux["layer_results"][i], want[tap], atol=2e-5, err_msg=tap
+      )
+      np.testing.assert_allclose(aux["hidden_states"][i + 1], h, atol=2e-5)
+  for y, _ in runs.values():
+    np.testing.assert_allclose(y, h, atol=2e-5)
 
 
 def test_pre_ln_matches_numpy_reference():
   """`x += γ1·attn(LN(x)) + rel-pos bias`, `x += γ2·fc2(gelu(fc1(LN(x))))`."""
   model, x = make("pre_ln"), inputs()
   params = init(model, x)
-  y, aux = model.apply({"params": params}, x)
+  runs = _apply_every_tap(model, params, x, None)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   index = encoder_lib.relative_position_index(GRID)
   bias = p["relative_position_bias_table"][index].transpose(2, 0, 1)
@@ -177,24 +191,14 @@ def test_pre_ln_matches_numpy_reference():
       _gelu(_dense(_ln(h, q["norm_after"], 1e-5), q["fc1"])), q["fc2"]
     )
     h = h + q["gamma_2"] * ffn
-    np.testing.assert_allclose(aux["layer_results"][i], h, atol=2e-5)
-  np.testing.assert_allclose(y, h, atol=2e-5)
+    want = {"ffn": ffn, "ffn_residual": h, "end": h, "attention": att}
+    for tap, (_, aux) in runs.items():
+      np.testing.assert_allclose(
+        aux["layer_results"][i], want[tap], atol=2e-5, err_msg=tap
+      )
+  for y, _ in runs.values():
+    np.testing.assert_allclose(y, h, atol=2e-5)
   assert "bias" not in params["layers_0"]["attention"]["k_proj"]
-
-
-def test_relative_position_index_brute_force():
-  h, w = 2, 3
-  index = encoder_lib.relative_position_index((h, w))
-  n = (2 * h - 1) * (2 * w - 1)
-  assert index.shape == (h * w + 1, h * w + 1)
-  assert encoder_lib.num_relative_positions((h, w)) == n + 3
-  cells = [(r, c) for r in range(h) for c in range(w)]
-  for a, (ra, ca) in enumerate(cells):
-    for b, (rb, cb) in enumerate(cells):
-      expect = (ra - rb + h - 1) * (2 * w - 1) + (ca - cb + w - 1)
-      assert index[a + 1, b + 1] == expect
-  assert (index[0, 1:] == n).all() and (index[1:, 0] == n + 1).all()
-  assert index[0, 0] == n + 2
 
 
 @pytest.mark.parametrize("block", BLOCKS)

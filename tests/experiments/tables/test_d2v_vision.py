@@ -26,8 +26,9 @@ def test_cells_cover_the_table():
   names = [c.name for c in cells]
   assert names[0] == "pretrain-s0" and len(set(names)) == len(names)
   # 5 rows x 3 seeds at 1% and 10%; at 100% the probes run once; then
-  # two more pretraining runs (top-K) and 4 ablation rows x 3 seeds.
-  assert len(cells) == 1 + 2 * 15 + (2 * 3 + 3) + 2 + 4 * 3
+  # four more pretraining runs (top-K, target feature) and 6 ablation rows
+  # x 3 seeds.
+  assert len(cells) == 1 + 2 * 15 + (2 * 3 + 3) + 4 + 6 * 3
   d2v = next(c for c in cells if c.name == "1pct-finetune-d2v-s1")
   scratch = next(c for c in cells if c.name == "1pct-finetune-scratch-s1")
   assert d2v.spec["config"]["init"] == "encoder:pretrain-s0/encoder"
@@ -81,3 +82,63 @@ def test_tiny_table_runs_and_resumes(tmp_path, capsys):
   path.write_text(json.dumps(saved))
   with flagsaver.flagsaver(**args), pytest.raises(ValueError, match="spec"):
     d2v_vision.main(["d2v_vision"])
+
+
+def test_ablations_change_one_thing_each():
+  plan = d2v_vision.ablations(
+    results_dir=pathlib.Path("r"), tiny=False, data_path=""
+  )
+  assert [a.row for a in plan] == [
+    "top-1 block",
+    "top-3 blocks (default)",
+    "top-6 blocks",
+    "target: FFN output",
+    "target: end of block (= FFN + residual) (default)",
+    "target: self-attention output",
+    "25 % of pretraining (750 steps)",
+    "50 % of pretraining (1500 steps)",
+    "100 % of pretraining (default)",
+  ]
+  default = d2v_vision.pretrain_config(tiny=False, data_path="").to_dict()
+  changed = {"top1": {"top_k": 1}, "top6": {"top_k": 6}}
+  changed |= {"tap-ffn": {"tap": "ffn"}, "tap-attention": {"tap": "attention"}}
+  for a in plan:
+    if a.pretrain is None:
+      continue
+    got = a.pretrain.to_dict()
+    assert got["train"].pop("export_encoder_at") == ()
+    want = {**default, "train": dict(default["train"])}
+    want["train"].pop("export_encoder_at")
+    want["model"] = {**default["model"], **changed.pop(a.key)}
+    assert got == want, a.key
+  assert not changed
+  encoders = {a.key: a.encoder for a in plan if a.encoder is not None}
+  assert encoders == {
+    f"len{n}": pathlib.Path("r/encoders/pretrain-s0") / f"encoder-{n}"
+    for n in (750, 1500)
+  }
+
+
+def test_ablation_table_fills_default_rows_from_the_main_cells():
+  def record(name, row, acc, seed=0):
+    metrics = {"test/accuracy": acc}
+    return dict(name=name, row=row, column="1%", seed=seed, metrics=metrics)
+
+  records = [
+    record("1pct-finetune-d2v-s0", d2v_vision.ROWS["finetune-d2v"], 0.7),
+    record("1pct-finetune-d2v-s1", d2v_vision.ROWS["finetune-d2v"], 0.8, 1),
+    record(
+      "ablation-1pct-tap-attention-s0", "target: self-attention output", 0.4
+    ),
+  ]
+  plan = d2v_vision.ablations(
+    results_dir=pathlib.Path("r"), tiny=False, data_path=""
+  )
+  lines = d2v_vision._ablation_table(records, plan).strip().splitlines()
+  body = {line.split(" | ")[0].strip("| "): line for line in lines[2:]}
+  assert list(body) == [a.row for a in plan]
+  for a in plan:
+    if a.key is None:
+      assert "0.750 ± 0.071" in body[a.row], body[a.row]
+  assert "0.400 (n=1)" in body["target: self-attention output"]
+  assert d2v_vision._ablation_table(records[:2], plan) == ""
