@@ -149,3 +149,40 @@ def sigterm_at(step: int) -> Iterator[None]:
 
   with mock.patch.object(progress.Progress, "update", update_then_signal):
     yield
+
+
+# ---------------------------------------------------------------------------
+# Data in the formats the experiments read.
+
+
+def write_vader_movie_set(
+  folder: str | pathlib.Path,
+  *,
+  n: int = 40,
+  max_len: int = 12,
+  vocab_size: int = 40,
+  seed: int = 0,
+) -> dict[str, np.ndarray]:
+  """A ``vader_movie.npz`` as `experiments.data.sentiment_sets` writes it.
+
+  `n` sentences of random ordinary ids below ``vocab_size - 1`` (never
+  ``<mask>``), wrapped in ``<s> ... </s>``; ratings in [-3, 3], the first
+  four 0; splits train / valid / test in the ratio 3 : 1 : 1.
+
+  Returns:
+    The arrays written (``ids``, ``lengths``, ``labels``, ``split``).
+  """
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(3, max_len + 3, n).clip(max=max_len)
+  ids = np.full((n, max_len), 1, np.int32)  # <pad>
+  for row, k in zip(ids, lengths, strict=True):
+    row[0], row[k - 1] = 0, 2
+    row[1 : k - 1] = rng.integers(4, vocab_size - 1, k - 2)
+  labels = np.round(rng.uniform(-3, 3, n), 1).astype(np.float32)
+  labels[:4] = 0.0
+  split = np.array([0, 0, 0, 1, 2], np.uint8)[np.arange(n) % 5]
+  arrays = {"ids": ids, "lengths": lengths, "labels": labels, "split": split}
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  np.savez(folder / "vader_movie.npz", **arrays)
+  return arrays

@@ -89,7 +89,8 @@ class FinetuneBatches:
     return batch
 
   def real_size(self, split: str) -> int:
-    """Examples in `split` (``"train"`` or ``"valid"``) of the real source."""
+    """Examples in `split` (``"train"``, ``"valid"`` or a final split such
+    as ``"test"``) of the real source."""
     raise NotImplementedError
 
   def real_rows(self, split: str, idx: np.ndarray) -> Batch:
@@ -106,11 +107,18 @@ class FinetuneBatches:
 
   def real_valid_batches(self) -> list[Batch]:
     """The real validation examples in batches; spare rows repeat the first."""
-    size, n = self.config.train.batch_size, self.num_valid()
+    return self.real_split_batches("valid", self.num_valid())
+
+  def real_split_batches(self, split: str, n: int) -> list[Batch]:
+    """The first `n` examples of a real split in training-sized batches.
+
+    The spare rows of the last batch repeat the first examples.
+    """
+    size = self.config.train.batch_size
     count = -(-n // size)
     idx = np.arange(count * size) % n
     return [
-      self.real_rows("valid", idx[i : i + size])
+      self.real_rows(split, idx[i : i + size])
       for i in range(0, count * size, size)
     ]
 

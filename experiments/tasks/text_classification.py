@@ -8,8 +8,9 @@ as data2vec uses it (spec §6.3):
   ``model.num_labels == 1`` makes it a regression (STS-B: MSE);
 * fairseq Adam with decay of every weight, linear warm-up then linear
   decay to 0;
-* accuracy, or for regression MSE and Pearson correlation; the best step
-  by accuracy or Pearson.
+* accuracy, or for regression (`regression_scores`) MSE, MAE, Pearson
+  correlation and Acc2, the sign agreement on the non-zero targets; the
+  best step by accuracy or Pearson.
 
 Data (``config.data.source``): a ``"synthetic"`` text is random ordinary
 tokens and its label the most frequent token group (``id % num_labels``)
@@ -17,8 +18,11 @@ or, for regression, five times the share of even ids (STS-B's 0-5);
 ``"sentiment"`` is a set of `experiments.data.sentiment_sets`
 (``data.sentiment_task``): ``vader_movie`` with ``num_labels=1`` regresses
 the rating in [-3, 3], with ``num_labels=2`` classifies its sign (zero
-ratings left out); ``rt_polarity`` is fresh vs rotten. Train split for
-training, valid split for validation.
+ratings left out); ``rt_polarity`` is fresh vs rotten. Training sees
+``data.labels`` of the train split's sentences (0 = all; a random draw by
+``data.subset_seed``, `experiments.data.sentiment_sets.labelled_subset`);
+the valid split validates and picks the best checkpoint, on which the test
+split is scored once at the end (`labelled_splits`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import optax
 
@@ -37,6 +42,7 @@ from d2vjax import optim
 from d2vjax.datasets import text as text_lib
 from experiments.data import sentiment_sets
 from experiments.tasks import finetune
+from mtagjax import metrics as mtag_metrics
 
 Array = jax.Array
 Batch = finetune.Batch
@@ -73,10 +79,75 @@ def _sentiment_set(
   return {"ids": fitted, "labels": labels, "split": split}
 
 
+def labelled_splits(
+  config: ml_collections.ConfigDict,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """The sentences of a ``source="sentiment"`` config, by split.
+
+  Args:
+    config: a fine-tuning config; ``config.data`` names the set
+      (``path`` / ``corpus``, ``sentiment_task``), the padded length
+      (``seq_len``) and the labelled subset (``labels``, ``subset_seed``);
+      ``config.model.num_labels`` whether ratings are regressed (1) or
+      their signs classified (2).
+
+  Returns:
+    ``(ids, labels)`` for ``train`` (the labelled subset; for the sign of
+    the rating, drawn among the sentences rated other than 0), ``valid``
+    and ``test``: ids int32 ``[n, seq_len]`` as ``<s> ... </s>`` padded
+    with ``<pad>``, labels float32 ratings or int32 classes.
+
+  Raises:
+    FileNotFoundError: when the set is not where ``data.path`` says.
+    ValueError: for a ``data.labels`` larger than the train split.
+  """
+  d, k = config.data, config.model.num_labels
+  data = _sentiment_set(
+    d.path, d.corpus, d.data_dir, d.sentiment_task, d.seq_len, k
+  )
+  out = {}
+  for code, split in enumerate(sentiment_sets.SPLITS):
+    at = np.flatnonzero(data["split"] == code)
+    if split == "train":
+      at = at[sentiment_sets.labelled_subset(len(at), d.labels, d.subset_seed)]
+    out[split] = (data["ids"][at], data["labels"][at])
+  return out
+
+
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
   if x.std() == 0 or y.std() == 0:
     return float("nan")
   return float(np.corrcoef(x, y)[0, 1])
+
+
+def regression_scores(
+  preds: np.ndarray, targets: np.ndarray
+) -> dict[str, float]:
+  """The regression metrics of predicted ratings.
+
+  Args:
+    preds: ``[n]`` predictions.
+    targets: ``[n]`` true ratings (or scores).
+
+  Returns:
+    ``mse``, ``mae``, ``pearson`` (NaN when either side is constant) and
+    ``acc2``: the share of the targets other than 0 whose sign the
+    prediction has (`mtagjax.metrics.mosi_metrics`'s ``acc2_nonzero``,
+    CMU-MOSI's Acc2 as MulT reports it; NaN when every target is 0). A
+    prediction that is not finite makes MAE and Acc2 NaN.
+  """
+  preds = np.asarray(preds, np.float64)
+  targets = np.asarray(targets, np.float64)
+  out = {
+    "mse": float(np.mean((preds - targets) ** 2)),
+    "mae": float("nan"),
+    "pearson": _pearson(preds, targets),
+    "acc2": float("nan"),
+  }
+  if np.isfinite(preds).all():
+    mosi = mtag_metrics.mosi_metrics(preds, targets)
+    out.update(mae=mosi["mae"], acc2=mosi["acc2_nonzero"])
+  return out
 
 
 class Task(finetune.FinetuneTask):
@@ -86,6 +157,11 @@ class Task(finetune.FinetuneTask):
   modality = "text"
   legacy_name = "text"
   real_source = "sentiment"
+  # Workdirs from before labelled subsets trained on every sentence.
+  legacy_fields = finetune.FinetuneTask.legacy_fields | {
+    "data.labels": 0,
+    "data.subset_seed": 0,
+  }
 
   @property
   def default_best_metric(self) -> str:
@@ -112,11 +188,7 @@ class Task(finetune.FinetuneTask):
   def scores(self, outputs):
     logits, labels = outputs.logits, outputs.labels()
     if self.config.model.num_labels == 1:
-      preds = logits[:, 0]
-      return {
-        "mse": float(np.mean((preds - labels) ** 2)),
-        "pearson": _pearson(preds, labels),
-      }
+      return regression_scores(logits[:, 0], labels)
     return {"accuracy": float(np.mean(logits.argmax(axis=-1) == labels))}
 
   # -- optimizer -------------------------------------------------------------
@@ -177,20 +249,28 @@ class Task(finetune.FinetuneTask):
       "labels": label,
     }
 
-  def _set(self) -> dict:
+  def _splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    # Drawn once per task and data config: every training batch asks.
     d, k = self.config.data, self.config.model.num_labels
-    return _sentiment_set(
-      d.path, d.corpus, d.data_dir, d.sentiment_task, d.seq_len, k
-    )
+    key = (d.path, d.corpus, d.data_dir, d.sentiment_task, d.seq_len, k)
+    key += (d.labels, d.subset_seed)
+    cache = self.__dict__.setdefault("_split_cache", {})
+    if key not in cache:
+      cache.clear()
+      cache[key] = labelled_splits(self.config)
+    return cache[key]
+
+  @property
+  def final_splits(self) -> tuple[str, ...]:
+    # The test sentences, once, on the checkpoint the valid split picked.
+    return ("test",) if self.config.data.source == self.real_source else ()
 
   def real_size(self, split: str) -> int:
-    code = sentiment_sets.SPLITS.index(split)
-    return int((self._set()["split"] == code).sum())
+    return len(self._splits()[split][1])
 
   def real_rows(self, split: str, idx: np.ndarray) -> Batch:
-    data = self._set()
-    at = np.flatnonzero(data["split"] == sentiment_sets.SPLITS.index(split))
-    ids = data["ids"][at[idx]]
+    ids, labels = self._splits()[split]
+    ids = ids[idx]
     encoder = self.encoder
     if ids.max() >= encoder.vocab_size or encoder.pad_id != text_lib.PAD_ID:
       raise ValueError(
@@ -201,5 +281,9 @@ class Task(finetune.FinetuneTask):
     return {
       "input_ids": ids,
       "attention_mask": (ids != text_lib.PAD_ID).astype(np.int32),
-      "labels": data["labels"][at[idx]],
+      "labels": labels[idx],
     }
+
+  def final_batches(self, split: str) -> tuple[list[Batch], int]:
+    n = self.real_size(split)
+    return self.real_split_batches(split, n), n

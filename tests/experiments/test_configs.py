@@ -101,3 +101,20 @@ def test_config_files_load_by_path_with_overrides():
   assert values.config.optim.warmup_steps == 5
   assert values.config.train.prefetch == 1
   assert values.config.model.hidden == 16
+
+
+def test_small_text_recipe_and_its_fine_tuning_agree():
+  pretrain = _get("d2v_text", "small")
+  finetune = _get("d2v_finetune", "text_vader")
+  for c in (pretrain, finetune):
+    json.dumps(c.to_dict())
+  assert finetune.task == "text_classification"
+  assert finetune.model.num_labels == 1  # the rating
+  for field, value in finetune.model.encoder.items():
+    assert pretrain.model[field] == value, field
+  # <mask> is the corpus tokenizer's last id; sentences fit the positions.
+  assert pretrain.mask.mask_id == pretrain.model.vocab_size - 1
+  assert pretrain.data.seq_len + 2 <= pretrain.model.max_positions
+  assert finetune.data.seq_len + 2 <= pretrain.model.max_positions
+  assert pretrain.optim.warmup_steps < pretrain.train.steps
+  assert pretrain.ema.anneal_steps <= pretrain.train.steps

@@ -13,6 +13,7 @@ import pytest
 from d2vjax.datasets import text as text_lib
 from experiments import finetune_d2v, tasks
 from experiments.configs import d2v_finetune
+from experiments.data import sentiment_sets
 from experiments.data import speech_corpus as sc
 from experiments.runtime import writers
 from experiments.tasks import ctc, text_classification
@@ -20,6 +21,7 @@ from tests.d2vjax.test_datasets_images import write_fashion_mnist
 from tests.experiments.data.test_speech_corpus import SHORT
 from tests.experiments.data.test_vader import make_sdist
 from tests.experiments.test_finetune_d2v import task_with_encoder
+from tests.helpers import write_vader_movie_set
 
 pytestmark = pytest.mark.usefixtures("xla_cache")
 
@@ -162,6 +164,78 @@ def test_sentiment_task_regression_and_sign(tmp_path):
   c.data.sentiment_task, c.model.num_labels = "rt_polarity", 1
   with pytest.raises(ValueError, match="rt_polarity needs 2"):
     tasks.create(c).check_source()
+
+
+def _vader_config(path):
+  c = d2v_finetune.get_config("text_tiny")
+  c.mesh.data = 1
+  c.data.source, c.data.path = "sentiment", str(path)
+  c.model.num_labels = 1
+  return c
+
+
+def test_sentiment_label_subsets_and_test_split(tmp_path):
+  data = write_vader_movie_set(tmp_path / "sent", n=40)
+  labels, split = data["labels"], data["split"]
+  c = _vader_config(tmp_path / "sent")
+  task = task_with_encoder(c)
+  assert task.real_size("train") == 24 and task.num_valid() == 8
+  assert task.final_splits == ("test",)
+  # The test sentences, each once, in order.
+  (batch,), n = task.final_batches("test")
+  assert n == 8
+  np.testing.assert_array_equal(batch["labels"][:n], labels[split == 2])
+  # 10 of the 24 training sentences, drawn by the subset seed.
+  c.data.labels, c.data.subset_seed = 10, 3
+  task = task_with_encoder(c)
+  kept = sentiment_sets.labelled_subset(24, 10, 3)
+  want = labels[split == 0][kept]
+  np.testing.assert_array_equal(task._splits()["train"][1], want)
+  assert set(task.batch_at(5)["labels"].tolist()) <= set(want.tolist())
+  np.testing.assert_array_equal(task._splits()["valid"][1], labels[split == 1])
+  c.data.labels = 25
+  with pytest.raises(ValueError, match="config.data.labels=25"):
+    task_with_encoder(c).batch_at(0)
+  # Workdirs from before the subsets trained on every sentence.
+  saved = task.upgrade_saved_config({"task": "text", "data": {}})
+  assert saved["data"] == {"labels": 0, "subset_seed": 0}
+  c.data.source = "synthetic"
+  assert tasks.create(c).final_splits == ()
+
+
+def test_regression_scores_acc2_leaves_zero_ratings_out():
+  preds = np.array([1.0, -0.5, 0.2, -2.0, 0.0])
+  targets = np.array([2.0, 1.0, 0.0, -1.0, 0.0])
+  s = text_classification.regression_scores(preds, targets)
+  # Signs agree on 2 of the 3 non-zero ratings; the zeros do not count.
+  assert s["acc2"] == pytest.approx(2 / 3)
+  assert s["mse"] == pytest.approx(np.mean((preds - targets) ** 2))
+  assert s["mae"] == pytest.approx(np.mean(np.abs(preds - targets)))
+  assert s["pearson"] == pytest.approx(np.corrcoef(preds, targets)[0, 1])
+  assert np.isnan(
+    text_classification.regression_scores(preds, 0 * preds)["acc2"]
+  )
+  diverged = text_classification.regression_scores(preds * np.nan, targets)
+  assert np.isnan(diverged["acc2"]) and np.isnan(diverged["mae"])
+
+
+def test_sentiment_regression_scores_test_on_the_best_checkpoint(tmp_path):
+  write_vader_movie_set(tmp_path / "sent", n=40)
+  c = _vader_config(tmp_path / "sent")
+  c.data.seq_len = 12
+  c.train.update(steps=4, eval_every=2, checkpoint_every=2)
+  c.data.labels = 12
+  finetune_d2v.run(c, str(tmp_path / "run"))
+  records = writers.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+  valid = [r for r in records if "eval/valid/pearson" in r]
+  (test,) = [r for r in records if "eval/test/pearson" in r]
+  assert [r["step"] for r in valid] == [2, 4] and test["step"] == 4
+  assert 0 <= test["eval/test/acc2"] <= 1 and "eval/test/mae" in test
+  # Run again: nothing left to train, the test split is scored again.
+  finetune_d2v.run(c, str(tmp_path / "run"))
+  records = writers.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+  again = [r for r in records if "eval/test/pearson" in r]
+  assert len(again) == 2 and again[1]["eval/test/mse"] == test["eval/test/mse"]
 
 
 def test_speech_finetuning_runs_on_spoken_sentences(spoken, tmp_path):

@@ -62,3 +62,21 @@ def test_encode_wraps_pads_and_truncates(tmp_path):
   assert (out["ids"][0, n:] == 1).all()
   assert out["lengths"][1] == 12 and out["ids"][1, -1] == 2
   assert tok.decode(out["ids"][0, :n].tolist()).strip() == "the earth"
+
+
+def test_labelled_subset_is_a_fixed_nested_draw():
+  small = sentiment_sets.labelled_subset(100, 10, seed=1)
+  large = sentiment_sets.labelled_subset(100, 40, seed=1)
+  assert len(small) == 10 and np.all(np.diff(small) > 0)
+  # A smaller budget's sentences are among a larger one's of the same seed.
+  assert set(small) <= set(large)
+  np.testing.assert_array_equal(
+    small, sentiment_sets.labelled_subset(100, 10, seed=1)
+  )
+  other = sentiment_sets.labelled_subset(100, 10, seed=2)
+  assert set(other) != set(small)
+  np.testing.assert_array_equal(
+    sentiment_sets.labelled_subset(100, 0, seed=1), np.arange(100)
+  )
+  with pytest.raises(ValueError, match="config.data.labels=101"):
+    sentiment_sets.labelled_subset(100, 101, seed=1)
