@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import pathlib
-import shutil
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -47,7 +46,7 @@ from experiments.data import fashion_mnist
 from experiments.reports import probe
 from experiments.runtime import cli, writers
 from experiments.runtime import mesh as mesh_lib
-from experiments.tables import grid
+from experiments.tables import grid, shared
 from experiments.tasks import encoders
 
 FLAGS = flags.FLAGS
@@ -60,9 +59,13 @@ ROWS = {
   "pixels": "softmax regression, pixels",
   "probe-random": "linear probe, random encoder",
   "probe-d2v": "linear probe, data2vec",
-  "finetune-scratch": "fine-tuned from scratch",
-  "finetune-d2v": "fine-tuned from data2vec",
+  "finetune-scratch": "fine-tuned from scratch, augmented",
+  "finetune-d2v": "fine-tuned from data2vec, augmented",
+  "plain-scratch": "fine-tuned from scratch, plain",
+  "plain-d2v": "fine-tuned from data2vec, plain",
 }
+# The fine-tuning recipe of each pair of rows (d2v_finetune.py variants).
+RECIPES = {"finetune": "image_fmnist", "plain": "image_fmnist_plain"}
 PRETRAIN = "pretrain-s0"
 
 
@@ -78,10 +81,17 @@ def pretrain_config(*, tiny: bool, data_path: str) -> ml_collections.ConfigDict:
 
 
 def finetune_config(
-  *, init: str, labels: int, steps: int, seed: int, tiny: bool, data_path: str
+  *,
+  init: str,
+  labels: int,
+  steps: int,
+  seed: int,
+  tiny: bool,
+  data_path: str,
+  recipe: str = "image_fmnist",
 ) -> ml_collections.ConfigDict:
-  """``d2v_finetune.py:image_fmnist`` for one budget and seed."""
-  c = d2v_finetune.get_config("image_fmnist")
+  """``d2v_finetune.py:<recipe>`` for one budget and seed."""
+  c = d2v_finetune.get_config(recipe)
   c.init = init
   c.data.labels, c.data.subset_seed, c.train.seed = labels, seed, seed
   c.train.steps = steps
@@ -92,16 +102,6 @@ def finetune_config(
     c.optim.warmup_steps = 1
   c.data.path = data_path
   return c
-
-
-def _spec(config: ml_collections.ConfigDict) -> dict:
-  """A run's spec: its config without where data and workdirs live."""
-  c = config.copy_and_resolve_references()
-  c.data.path = c.data.data_dir = ""
-  if c.get("init", "").startswith("encoder:"):
-    # encoders/<pretraining cell>/<encoder folder>, wherever results live.
-    c.init = "encoder:" + "/".join(pathlib.Path(c.init).parts[-2:])
-  return grid.spec_of(c)
 
 
 def _probe_spec(kind: str, config: ml_collections.ConfigDict) -> dict:
@@ -118,32 +118,8 @@ def _probe_spec(kind: str, config: ml_collections.ConfigDict) -> dict:
       "seed": config.train.seed,
     }
   elif kind == "probe-d2v":
-    spec["init"] = _spec(config)["config"]["init"]
+    spec["init"] = shared.spec(config)["config"]["init"]
   return spec
-
-
-def _run_pretrain(
-  config, artifact: pathlib.Path, workdir: pathlib.Path
-) -> grid.Metrics:
-  """Pretrains (or finishes pretraining); keeps its encoder as `artifact`."""
-  cli.run(config, str(workdir))
-  records = writers.read_jsonl(workdir / "metrics.jsonl", dedupe=True)
-  train = [r for r in records if "train/loss" in r]
-  # The final encoder and those of export_encoder_at.
-  if artifact.exists():
-    shutil.rmtree(artifact)
-  for folder in sorted(workdir.glob("encoder*")):
-    shutil.copytree(folder, artifact / folder.name)
-  final = artifact / "encoder"
-  keys = ("train/loss", "train/target_var", "train/pred_var")
-  return {
-    "steps": train[-1]["step"],
-    # From the first logged step to the last: the run's own time, however
-    # many processes it took.
-    "train_hours": (train[-1]["time"] - train[0]["time"]) / 3600,
-    "encoder_mb": sum(f.stat().st_size for f in final.iterdir()) / 2**20,
-    **{k: train[-1][k] for k in keys},
-  }
 
 
 def _run_finetune(config, workdir: pathlib.Path) -> grid.Metrics:
@@ -193,18 +169,9 @@ def _run_probe(
   return probe.probe(data["train"], data["valid"], data["test"], num_classes=10)
 
 
-def _pretrain_cell(
-  name: str, row: str, config: ml_collections.ConfigDict, results_dir
-) -> tuple[grid.Cell, pathlib.Path]:
-  """A pretraining cell, and where it keeps its encoders."""
-  encoders_dir = results_dir / "encoders" / name
-  run = functools.partial(_run_pretrain, config, encoders_dir)
-  return grid.Cell(name, row, "", 0, _spec(config), run), encoders_dir
-
-
 def _finetune_cell(name, row, column, seed, config) -> grid.Cell:
   run = functools.partial(_run_finetune, config)
-  return grid.Cell(name, row, column, seed, _spec(config), run)
+  return grid.Cell(name, row, column, seed, shared.spec(config), run)
 
 
 def cells(
@@ -221,13 +188,16 @@ def cells(
   (`d2vjax.encoder_io`), where the later cells read them.
   """
   pre = pretrain_config(tiny=tiny, data_path=data_path)
-  cell, encoders_dir = _pretrain_cell(PRETRAIN, "pretraining", pre, results_dir)
+  cell, encoders_dir = shared.pretrain_cell(
+    PRETRAIN, "pretraining", pre, results_dir
+  )
   out = [cell]
   kw = {"tiny": tiny, "data_path": data_path}
   for column, labels, steps in TINY_BUDGETS if tiny else BUDGETS:
     for seed in range(seeds):
       for kind, row in ROWS.items():
-        tuned = kind.startswith("finetune")
+        recipe = RECIPES.get(kind.split("-")[0])
+        tuned = recipe is not None
         if not labels and seed and not tuned:
           continue  # a probe on all the labels has nothing left to draw
         pretrained = kind.endswith("d2v")
@@ -235,7 +205,12 @@ def cells(
           f"encoder:{encoders_dir / 'encoder'}" if pretrained else "scratch"
         )
         c = finetune_config(
-          init=init, labels=labels, steps=steps, seed=seed, **kw
+          init=init,
+          labels=labels,
+          steps=steps,
+          seed=seed,
+          recipe=recipe or "image_fmnist",
+          **kw,
         )
         name = f"{column.rstrip('%')}pct-{kind}-s{seed}"
         if tuned:
@@ -333,7 +308,9 @@ def ablation_cells(
     folder = a.encoder
     if a.pretrain is not None:
       name = f"ablation-pretrain-{a.key}-s0"
-      cell, where = _pretrain_cell(name, "pretraining", a.pretrain, results_dir)
+      cell, where = shared.pretrain_cell(
+        name, "pretraining", a.pretrain, results_dir
+      )
       out.append(cell)
       folder = where / "encoder"
     encoders.append((a.key, a.row, folder))
@@ -346,19 +323,6 @@ def ablation_cells(
 
 
 # -- the report -----------------------------------------------------------
-
-
-def _curves(workdir: pathlib.Path) -> dict[str, list[float]]:
-  """Pretraining loss and variances by step, from the run's metrics."""
-  path = workdir / "metrics.jsonl"
-  if not path.exists():
-    return {}
-  records = writers.read_jsonl(path, dedupe=True)
-  keys = ("train/loss", "train/target_var", "train/pred_var")
-  rows = [r for r in records if all(k in r for k in keys)]
-  return {"step": [r["step"] for r in rows]} | {
-    k: [r[k] for r in rows] for k in keys
-  }
 
 
 def _plot(records, curves, out: pathlib.Path) -> list[str]:
@@ -435,17 +399,24 @@ def report(
     columns=columns,
     row_header="Fashion-MNIST test accuracy",
   )
-  gains = []
-  for c in columns:
-    d2v = grid.mean_of(records, ROWS["finetune-d2v"], c, "test/accuracy")
-    scratch = grid.mean_of(
-      records, ROWS["finetune-scratch"], c, "test/accuracy"
-    )
-    if d2v[2] and scratch[2]:
-      gains.append(f"{c}: {100 * (d2v[0] - scratch[0]):+.1f} points")
-  if gains:
-    text += "\nFine-tuned, data2vec minus scratch: " + ", ".join(gains) + ".\n"
-  curves = _curves(root / PRETRAIN)
+  for recipe in RECIPES:
+    gains = []
+    for c in columns:
+      d2v, scratch = (
+        grid.mean_of(records, ROWS[f"{recipe}-{start}"], c, "test/accuracy")
+        for start in ("d2v", "scratch")
+      )
+      if d2v[2] and scratch[2]:
+        gains.append(f"{c}: {100 * (d2v[0] - scratch[0]):+.1f} points")
+    if gains:
+      label = ROWS[f"{recipe}-d2v"].split(", ")[-1]
+      text += (
+        f"\nFine-tuned ({label}), data2vec minus scratch: "
+        + ", ".join(gains)
+        + "."
+      )
+  text += "\n"
+  curves = shared.curves(root / PRETRAIN)
   if curves:
     grid.write_json(results_dir / "pretrain_curves.json", curves)
   pre = [r for r in records if r["name"] == PRETRAIN]
@@ -510,7 +481,8 @@ def main(argv: Sequence[str]) -> None:
   )
   if not FLAGS.report_only:
     grid.run_grid(table, results, root, only=FLAGS.only, rerun=FLAGS.rerun)
-  text = report(grid.saved_records(results), results, root, tiny=FLAGS.tiny)
+  records = grid.relabel(grid.saved_records(results), table)
+  text = report(records, results, root, tiny=FLAGS.tiny)
   grid.update_readme(FLAGS.readme, "d2v_vision", text)
   print(text)
 

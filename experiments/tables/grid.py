@@ -213,6 +213,23 @@ def _format(mean: float, std: float, n: int, digits: int) -> str:
   return text
 
 
+def relabel(
+  records: Sequence[Mapping[str, Any]], cells: Sequence[Cell]
+) -> list[dict[str, Any]]:
+  """Records with the row and column labels that their cells have today.
+
+  A cell's name and spec say what ran; its labels only present it, so a
+  renamed row shows the records saved under its old label. Records of
+  cells no longer defined keep theirs.
+  """
+  labels = {c.name: (c.row, c.column) for c in cells}
+  out = []
+  for r in records:
+    row, column = labels.get(r["name"], (r["row"], r["column"]))
+    out.append(dict(r, row=row, column=column))
+  return out
+
+
 def render(
   records: Sequence[Mapping[str, Any]],
   *,

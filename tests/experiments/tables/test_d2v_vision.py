@@ -25,10 +25,10 @@ def test_cells_cover_the_table():
   cells = d2v_vision.cells(seeds=3, results_dir=pathlib.Path("r"))
   names = [c.name for c in cells]
   assert names[0] == "pretrain-s0" and len(set(names)) == len(names)
-  # 5 rows x 3 seeds at 1% and 10%; at 100% the probes run once; then
+  # 7 rows x 3 seeds at 1% and 10%; at 100% the probes run once; then
   # four more pretraining runs (top-K, target feature) and 6 ablation rows
   # x 3 seeds.
-  assert len(cells) == 1 + 2 * 15 + (2 * 3 + 3) + 4 + 6 * 3
+  assert len(cells) == 1 + 2 * 21 + (4 * 3 + 3) + 4 + 6 * 3
   d2v = next(c for c in cells if c.name == "1pct-finetune-d2v-s1")
   scratch = next(c for c in cells if c.name == "1pct-finetune-scratch-s1")
   assert d2v.spec["config"]["init"] == "encoder:pretrain-s0/encoder"
@@ -37,6 +37,17 @@ def test_cells_cover_the_table():
   strip = lambda s: {k: v for k, v in s["config"].items() if k != "init"}
   assert strip(d2v.spec) == strip(scratch.spec)
   assert d2v.spec["config"]["data"]["labels"] == 600
+  # The plain recipe: no augmentation, its own peak; the same pairing.
+  plain = {
+    c.name.split("-")[2]: c.spec["config"]
+    for c in cells
+    if c.name.startswith("1pct-plain-") and c.name.endswith("-s1")
+  }
+  assert plain["d2v"]["init"] == d2v.spec["config"]["init"]
+  assert strip({"config": plain["d2v"]}) == strip({"config": plain["scratch"]})
+  assert not plain["scratch"]["data"]["augment"]
+  assert plain["scratch"]["mixup"]["prob"] == 0.0
+  assert scratch.spec["config"]["data"]["augment"]
 
 
 def test_tiny_table_runs_and_resumes(tmp_path, capsys):
@@ -74,7 +85,8 @@ def test_tiny_table_runs_and_resumes(tmp_path, capsys):
   with flagsaver.flagsaver(**args):
     d2v_vision.main(["d2v_vision"])
   out = capsys.readouterr().out
-  assert out.count("done before, skipped") == 6 and ": running" not in out
+  assert out.count("done before, skipped") == 1 + len(d2v_vision.ROWS)
+  assert ": running" not in out
   # A cell saved with another recipe is refused, not mixed in.
   path = results / "cells" / "1pct-finetune-scratch-s0.json"
   saved = json.loads(path.read_text())

@@ -1,5 +1,6 @@
 """Tests of the resumable result grid and its markdown tables."""
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -79,6 +80,17 @@ def test_render_mean_and_sample_std(tmp_path):
   assert lines[3] == "| B | 0.90 (n=1) |"
   assert lines[4] == "| C | – |"
   assert grid.mean_of(records, "A", "x", "acc")[2] == 2
+
+
+def test_relabel_follows_the_cells_of_today(tmp_path):
+  records = grid.run_grid(_cells([]), tmp_path, tmp_path / "w")
+  renamed = [
+    dataclasses.replace(c, row="A2") if c.row == "A" else c for c in _cells([])
+  ]
+  relabelled = grid.relabel(records, renamed[:2])
+  assert [r["row"] for r in relabelled] == ["A2", "A2", "B"]
+  assert [r["metrics"] for r in relabelled] == [r["metrics"] for r in records]
+  assert records[0]["row"] == "A"  # the saved records are left alone
 
 
 def test_update_readme_replaces_only_its_block(tmp_path):
