@@ -45,10 +45,10 @@ def test_reports_finite_metrics_for_both_models(finished, capsys):
     # must be numbers.
     for name in ("acc2", "f1", "acc7", "mae"):
       assert math.isfinite(metrics[name]), (name, metrics)
-  probe = results["fashion_mnist"]
-  for name in ("pretrained", "random"):
-    assert 0.0 <= probe[name] <= 1.0
-  assert (probe["train_images"], probe["test_images"]) == (24, 8)
+  d2v = results["fashion_mnist"]
+  for name in ("from data2vec", "from scratch"):
+    assert 0.0 <= d2v[name] <= 1.0
+  assert (d2v["labels"], d2v["finetune_steps"]) == (10, 4)
 
 
 def test_everything_lands_in_the_output_folder(finished):
@@ -66,6 +66,27 @@ def test_everything_lands_in_the_output_folder(finished):
     assert any((out / run / "best").iterdir())
   assert (out / "d2v" / "metrics.jsonl").is_file()
   assert any((out / "d2v" / "checkpoints").iterdir())
+  assert (out / "d2v" / "encoder" / "encoder.json").is_file()
+  for run in ("d2v_finetune_scratch", "d2v_finetune_data2vec"):
+    assert any((out / run / "best").iterdir())
+
+
+def test_fine_tuning_runs_differ_only_in_their_start(finished):
+  out, _ = finished
+  saved = {
+    run: json.loads((out / run / "config.json").read_text())
+    for run in ("d2v_finetune_scratch", "d2v_finetune_data2vec")
+  }
+  scratch, d2v = saved.values()
+  assert scratch.pop("init") == "scratch"
+  assert d2v.pop("init") == f"encoder:{out / 'd2v' / 'encoder'}"
+  assert scratch == d2v
+  # The scratch model is the architecture that was pretrained.
+  pretrained = json.loads(
+    (out / "d2v" / "encoder" / "encoder.json").read_text()
+  )
+  for field in ("hidden", "num_layers", "heads", "mlp_dim", "patch_size"):
+    assert scratch["model"]["encoder"][field] == pretrained["fields"][field]
 
 
 def test_prints_one_table_naming_the_folder(finished):
@@ -73,7 +94,7 @@ def test_prints_one_table_naming_the_folder(finished):
   table = results["table"]
   for text in ("Acc2", "F1", "Acc7", "MAE", "Corr", "text only"):
     assert text in table
-  assert "data2vec pretrained" in table and "random init" in table
+  assert "from data2vec" in table and "from scratch" in table
   assert f"Output folder: {out.absolute()}" in table
   assert "mtag_attention_graph.png" in table and "results.json" in table
 
