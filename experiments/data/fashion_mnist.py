@@ -2,8 +2,8 @@
 
 `load(path, data_dir)` reads the IDX files of a folder, or fetches the
 package into the data directory first (`experiments.data.fetch`), and
-keeps the last two sets read in memory: pretraining, fine-tuning and the
-linear probe of the main job all read the same 60,000 + 10,000 images.
+keeps the last two sets read in memory: the main job's pretraining and
+fine-tuning runs all read the same 60,000 + 10,000 images.
 
 `labelled_splits` carves what a few-label experiment needs out of them: a
 validation split held out of the training images (the same in every run,

@@ -13,8 +13,11 @@ The grid (`experiments.tables.grid`; a killed grid resumes):
   - ``probe-random`` / ``probe-d2v``: softmax regression on the mean patch
     feature of the encoder at initialisation / after pretraining;
   - ``finetune-scratch`` / ``finetune-d2v``: ``d2v_finetune.py:
-    image_fmnist`` from a random encoder / from the pretrained one, the
-    same recipe and updates.
+    image_fmnist`` (BEiT's augmented recipe) from a random encoder / from
+    the pretrained one, the same recipe and updates;
+  - ``plain-scratch`` / ``plain-d2v``: the same pair with
+    ``image_fmnist_plain`` (no augmentation), the recipe tuned on the
+    validation split for the model from scratch.
 
 A seed draws the labelled subset (class-balanced) and the run's own
 randomness; the probes on all the labels do not depend on it and run
