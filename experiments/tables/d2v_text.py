@@ -295,17 +295,8 @@ def _plot(records, curves, out: pathlib.Path) -> list[str]:
   files.append("corr_vs_labels.png")
   plt.close(fig)
   if curves:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(curves["step"], curves["train/loss"])
-    a.set(xlabel="step", ylabel="regression loss", yscale="log")
-    b.plot(curves["step"], curves["train/target_var"], label="targets")
-    b.plot(curves["step"], curves["train/pred_var"], label="predictions")
-    b.set(xlabel="step", ylabel="variance across the batch")
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(out / "pretraining.png", dpi=120)
+    shared.plot_pretraining(curves, out / "pretraining.png")
     files.append("pretraining.png")
-    plt.close(fig)
   return files
 
 

@@ -12,7 +12,11 @@ import functools
 import pathlib
 import shutil
 
+import matplotlib
 import ml_collections
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # noqa: E402
 
 from experiments.runtime import cli, writers
 from experiments.tables import grid
@@ -72,3 +76,19 @@ def curves(workdir: pathlib.Path) -> dict[str, list[float]]:
   return {"step": [r["step"] for r in rows]} | {
     k: [r[k] for r in rows] for k in keys
   }
+
+
+def plot_pretraining(
+  curves: dict[str, list[float]], path: pathlib.Path
+) -> None:
+  """Regression loss, and target / prediction variance, against step."""
+  fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+  a.plot(curves["step"], curves["train/loss"])
+  a.set(xlabel="step", ylabel="regression loss", yscale="log")
+  b.plot(curves["step"], curves["train/target_var"], label="targets")
+  b.plot(curves["step"], curves["train/pred_var"], label="predictions")
+  b.set(xlabel="step", ylabel="variance across the batch")
+  b.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
