@@ -19,6 +19,11 @@ Variants (spec §6):
   tri-stage schedule (10 / 40 / 50 %) from and to 0.01 / 0.05 of the peak.
   Channel masking zeroes spans of 64 feature channels with
   ``mask_channel_prob`` 0.25 (10m, 1h), 0.5 (10h, 100h) or 0.1 (960h).
+* ``speech_small``: ``speech_10m``'s recipe for the small encoder of
+  ``d2v_audio.py:small`` on the spoken sentences (`experiments.tables.
+  d2v_speech`): 6,000 sentences split by speaker, utterances of up to 10 s,
+  batch 8, peak 5e-4, 600 updates of which the first 60 train only the CTC
+  layer, validated on 200 utterances every 100 updates.
 * ``image``: ViT-B/16, mean of the patch tokens, new ``fc_norm`` and a head
   initialised ×0.001; AdamW (0.9, 0.999) ε 1e-8 with layer-wise decay 0.65,
   peak 4e-3 for batch 1024, 10 of 100 epochs of warm-up then cosine to
@@ -75,7 +80,7 @@ the share of one group, scaled to STS-B's 0-5). Real sources:
 
 import ml_collections
 
-from experiments.configs import common, d2v_text, d2v_vision
+from experiments.configs import common, d2v_audio, d2v_text, d2v_vision
 
 # split: (peak lr, updates, freeze_finetune_updates, mask_prob,
 # mask_channel_prob, layerdrop), from fairseq's base_<split>.yaml.
@@ -102,7 +107,7 @@ _GLUE_TASKS = {
 
 def _variants() -> list[str]:
   names = ["speech", "image", "image_fmnist", "image_fmnist_plain", "text"]
-  names += ["text_vader"]
+  names += ["text_vader", "speech_small"]
   names += [f"speech_{s}" for s in _SPEECH_SPLITS]
   names += [f"text_{t}" for t in _GLUE_TASKS]
   return names + [f"{t}_tiny" for t in ("speech", "image", "text")]
@@ -203,6 +208,45 @@ def _speech(split: str) -> ml_collections.ConfigDict:
   # valid and test hold out whole speakers.
   c.data.speech_limit = 0
   c.data.speaker_disjoint = False
+  # source="spoken_sentences": minutes of labelled training audio, a random
+  # draw of the train split's utterances by subset_seed (0 = all of them;
+  # a larger budget keeps a smaller one's). The test split is scored on the
+  # best checkpoint; with tuxpaint_check, so are the English Tux Paint
+  # recordings (real voices), from the tuxpaint_path folder ("" = built or
+  # found in data_dir's cache).
+  c.data.label_minutes = 0.0
+  c.data.subset_seed = 0
+  c.data.tuxpaint_check = False
+  c.data.tuxpaint_path = ""
+  return c
+
+
+def _speech_small() -> ml_collections.ConfigDict:
+  c = _speech("10m")
+  c.model.encoder.update(
+    conv_layers=d2v_audio.SMALL_CONV_LAYERS,
+    hidden=256,
+    num_layers=4,
+    heads=4,
+    mlp_dim=1_024,
+  )
+  c.model.overrides.layerdrop = 0.05
+  c.optim.peak_lr = 5e-4
+  # fairseq trains only the CTC layer for 10k of 13k updates; here the
+  # first 10 %, which a random encoder (from scratch) can spare.
+  c.train.steps = 600
+  c.optim.freeze_finetune_updates = 60
+  c.train.batch_size = 8
+  c.train.eval_every = c.train.checkpoint_every = 100
+  c.train.log_every = 25
+  c.train.prefetch = 2
+  c.data.source = "spoken_sentences"
+  c.data.speech_limit = 6_000
+  c.data.speaker_disjoint = True
+  # Utterances of up to 10 s (90 % of them) and 256 letters.
+  c.data.num_samples = 160_000
+  c.data.max_label_length = 256
+  c.data.num_valid = 200
   return c
 
 
@@ -394,7 +438,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
   tiny = variant.endswith("_tiny")
   base = variant.removesuffix("_tiny")
-  if base.startswith("speech"):
+  if base == "speech_small":
+    c = _speech_small()
+  elif base.startswith("speech"):
     c = _speech(base.partition("_")[2] or "10h")
   elif base == "image":
     c = _image()

@@ -120,7 +120,7 @@ def _synthetic_wave(rng: np.random.Generator, num: int, rate: int):
 
 @functools.lru_cache(maxsize=2)
 def speech_sets(
-  names: str, path: str, data_dir: str, limit: int
+  names: str, path: str, data_dir: str, limit: int, disjoint: bool = False
 ) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
   """The packed clips ``(audio, offsets)`` of the configured speech sets.
 
@@ -131,6 +131,8 @@ def speech_sets(
       ``all`` for Tux Paint); "" = use `names`.
     data_dir: the data directory ("" = the default cache).
     limit: sentences of the spoken set (0 = all).
+    disjoint: the spoken set's speaker-disjoint split, whose train split
+      holds no voice of its valid and test splits.
   """
   folders = [p.strip() for p in path.split(",") if p.strip()]
   if not folders:
@@ -147,7 +149,7 @@ def speech_sets(
       else:
         folders.append(
           speech_corpus.build_spoken_sentences(
-            data_dir or None, limit=limit or None
+            data_dir or None, limit=limit or None, speaker_disjoint=disjoint
           )
         )
   out = []
@@ -170,6 +172,7 @@ def _speech_waves(config, step, lo, hi) -> np.ndarray:
     d.path,
     d.data_dir,
     d.speech_limit,
+    d.speaker_disjoint,
   )
   loader = audio_lib.CropLoader(
     sets, config.train.batch_size, d.num_samples, config.train.seed

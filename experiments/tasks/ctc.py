@@ -23,6 +23,12 @@ normalised as fairseq's ``normalize: true``; ``"spoken_sentences"`` are
 the espeak-spoken VADER sentences of `experiments.data.speech_corpus` with
 their letter transcripts, without the clips longer than
 ``data.num_samples`` or transcripts longer than ``data.max_label_length``.
+Training hears ``data.label_minutes`` of the train split's utterances (0 =
+all; a random draw by ``data.subset_seed``, `labelled_subset`: data2vec's
+10-minute and 1-hour budgets); the valid split validates and picks the best
+checkpoint, on which the final splits are scored once at the end: ``test``
+and, with ``data.tuxpaint_check``, ``tuxpaint_en``, the English Tux Paint
+recordings (real voices, `tuxpaint_english`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from d2vjax import finetune as ft
 from d2vjax import masking, optim, speech
@@ -46,6 +53,11 @@ Array = jax.Array
 Batch = finetune.Batch
 
 VOCAB = ft.LetterVocab()
+# The final split of the real English recordings (``data.tuxpaint_check``).
+TUXPAINT_SPLIT = "tuxpaint_en"
+# The labelled subset's draw is ``default_rng([subset_seed, SUBSET_STREAM])``:
+# a stream of its own, apart from the set builders' and the batch sampler's.
+SUBSET_STREAM = 0x1AB
 
 
 def frame_padding(
@@ -71,36 +83,177 @@ def _spoken_split(
   return speech_corpus.load(path, split)
 
 
+def _letter_set(
+  clips: dict,
+  rows: list[int],
+  texts: list[str],
+  num_samples: int,
+  max_labels: int,
+  what: str,
+) -> dict:
+  """The clips `rows` of a loaded set whose audio and letters fit.
+
+  Args:
+    clips: a split of a built set (`experiments.data.speech_corpus.load`).
+    rows: candidate clips.
+    texts: their transcripts.
+    num_samples: the longest clip kept, in samples.
+    max_labels: the most letter ids (word breaks included) kept.
+    what: the clips' name in the error message.
+
+  Returns:
+    ``clips``, ``keep`` (the rows kept), their ``labels`` (``[n,
+    max_labels]`` letter ids padded with `VOCAB.pad_id`) and ``texts``.
+  """
+  lengths = np.diff(clips["offsets"])[np.asarray(rows, int)]
+  ids = [VOCAB.encode(t) for t in texts]
+  fit = [
+    j
+    for j, (n, x) in enumerate(zip(lengths, ids, strict=True))
+    if n <= num_samples and len(x) <= max_labels
+  ]
+  if not fit:
+    raise ValueError(
+      f"no {what} of the {len(texts)} fits "
+      f"config.data.num_samples={num_samples} samples and "
+      f"config.data.max_label_length={max_labels} letters (the shortest "
+      f"has {int(lengths.min()) if len(texts) else 0} samples); raise them"
+    )
+  labels = np.full((len(fit), max_labels), VOCAB.pad_id, np.int32)
+  for row, j in enumerate(fit):
+    labels[row, : len(ids[j])] = ids[j]
+  return {
+    "clips": clips,
+    "keep": np.asarray([rows[j] for j in fit], int),
+    "labels": labels,
+    "texts": [texts[j] for j in fit],
+  }
+
+
 @functools.lru_cache(maxsize=4)
 def _speech_set(
   path, data_dir, limit, disjoint, split, num_samples, max_labels
 ) -> dict:
   """The split's usable clips: short enough, transcripts that fit."""
   clips = _spoken_split(path, data_dir, limit, disjoint, split)
-  lengths = np.diff(clips["offsets"])
   texts = [str(t) for t in clips["transcripts"]]
-  ids = [VOCAB.encode(t) for t in texts]
-  keep = [
-    i
-    for i, (n, x) in enumerate(zip(lengths, ids, strict=True))
-    if n <= num_samples and len(x) <= max_labels
-  ]
-  if not keep:
+  return _letter_set(
+    clips,
+    list(range(len(texts))),
+    texts,
+    num_samples,
+    max_labels,
+    f"{split} utterance",
+  )
+
+
+def labelled_subset(
+  samples: np.ndarray, minutes: float, seed: int
+) -> np.ndarray:
+  """Which training utterances keep their transcripts under a time budget.
+
+  The utterances of a seeded permutation, taken in its order while their
+  total duration stays within `minutes`: the same utterances for the same
+  (durations, minutes, seed) on every machine, and for one seed a smaller
+  budget's utterances are among a larger one's (a prefix of the same
+  permutation). The draw stops at the first utterance that does not fit.
+
+  Args:
+    samples: ``[n]`` the utterances' lengths in samples (16 kHz).
+    minutes: the budget (``config.data.label_minutes``); 0 = all of them.
+    seed: the draw (``config.data.subset_seed``).
+
+  Returns:
+    Sorted indices into `samples`.
+
+  Raises:
+    ValueError: for a negative budget, one beyond the utterances' total
+      duration, or one that the first utterance drawn already exceeds.
+
+  References:
+    data2vec spec §6.1; the paper's speech table fine-tunes on Libri-light's
+    10-minute and 1-hour labelled subsets.
+  """
+  samples = np.asarray(samples, np.int64)
+  per_minute = speech_corpus.SAMPLE_RATE * 60
+  total = samples.sum() / per_minute
+  if minutes < 0 or minutes > total:
     raise ValueError(
-      f"no {split} utterance of the {len(texts)} fits "
-      f"config.data.num_samples={num_samples} samples and "
-      f"config.data.max_label_length={max_labels} letters (the shortest "
-      f"has {int(lengths.min()) if len(texts) else 0} samples); raise them"
+      f"config.data.label_minutes={minutes}: the train split's "
+      f"{len(samples)} usable utterances last {total:.3f} minutes; keep up "
+      "to that much (0 = all)"
     )
-  labels = np.full((len(keep), max_labels), VOCAB.pad_id, np.int32)
-  for row, i in enumerate(keep):
-    labels[row, : len(ids[i])] = ids[i]
+  if not minutes:
+    return np.arange(len(samples))
+  order = np.random.default_rng([seed, SUBSET_STREAM]).permutation(len(samples))
+  spent = np.cumsum(samples[order]) / per_minute
+  count = int(np.searchsorted(spent, minutes, side="right"))
+  if not count:
+    raise ValueError(
+      f"config.data.label_minutes={minutes} selects no utterance: the "
+      f"first one drawn (config.data.subset_seed={seed}) lasts "
+      f"{spent[0]:.4f} minutes; raise the budget"
+    )
+  return np.sort(order[:count])
+
+
+@functools.lru_cache(maxsize=2)
+def _labelled_set(
+  path, data_dir, limit, disjoint, num_samples, max_labels, minutes, seed
+) -> dict:
+  """The train split's utterances under a budget of minutes (`_speech_set`)."""
+  data = _speech_set(
+    path, data_dir, limit, disjoint, "train", num_samples, max_labels
+  )
+  at = labelled_subset(
+    np.diff(data["clips"]["offsets"])[data["keep"]], minutes, seed
+  )
   return {
-    "clips": clips,
-    "keep": np.asarray(keep),
-    "labels": labels,
-    "texts": [texts[i] for i in keep],
+    "clips": data["clips"],
+    "keep": data["keep"][at],
+    "labels": data["labels"][at],
+    "texts": [data["texts"][i] for i in at],
   }
+
+
+@functools.lru_cache(maxsize=2)
+def tuxpaint_english(
+  path: str, data_dir: str, num_samples: int, max_labels: int
+) -> dict:
+  """The English Tux Paint recordings with transcripts that fit the CTC.
+
+  Args:
+    path: a folder built by `experiments.data.speech_corpus.build_tuxpaint`;
+      "" = built (or found) in `data_dir`'s cache.
+    data_dir: the data directory ("" = the default).
+    num_samples: the longest clip kept, in samples.
+    max_labels: the most letter ids kept.
+
+  Returns:
+    As `_speech_set`: ``clips`` (the ``all`` split), ``keep`` (the English
+    clips with a transcript, no longer than `num_samples`, whose letters fit
+    `max_labels`), ``labels`` and ``texts``: the transcripts as the spoken
+    sentences hold theirs (`speech_corpus.normalise_sentence`: upper-case
+    words of A-Z and the apostrophe); those that normalise to nothing are
+    left out.
+
+  Raises:
+    ValueError: when no English clip fits.
+  """
+  if not path:
+    path = speech_corpus.build_tuxpaint(data_dir or None)
+  clips = speech_corpus.load(path, "all")
+  rows, texts = [], []
+  for i, (lang, text) in enumerate(
+    zip(clips["langs"], clips["transcripts"], strict=True)
+  ):
+    norm = speech_corpus.normalise_sentence(str(text)) if lang == "en" else None
+    if norm is not None:  # "" (no English text) normalises to None too
+      rows.append(i)
+      texts.append(norm[1])
+  return _letter_set(
+    clips, rows, texts, num_samples, max_labels, "English Tux Paint clip"
+  )
 
 
 def _speech_labels(params: Any, freeze_cnn: bool) -> Any:
@@ -124,6 +277,14 @@ class Task(finetune.FinetuneTask):
   legacy_name = "speech"
   real_source = "spoken_sentences"
   default_best_metric = "eval/valid/wer"
+  # Workdirs from before the label budgets and final splits trained on
+  # every utterance and scored only the valid split.
+  legacy_fields = finetune.FinetuneTask.legacy_fields | {
+    "data.label_minutes": 0.0,
+    "data.subset_seed": 0,
+    "data.tuxpaint_check": False,
+    "data.tuxpaint_path": "",
+  }
 
   # -- model -----------------------------------------------------------------
 
@@ -203,6 +364,14 @@ class Task(finetune.FinetuneTask):
   @property
   def frozen_encoder_steps(self) -> int:
     return self.config.optim.freeze_finetune_updates
+
+  def setup(self, mesh: Mesh) -> finetune.FinetuneState:
+    self.check_source()
+    # A final split without a usable clip, or a Tux Paint set that cannot
+    # be built, stops the run now rather than after training.
+    for split in self.final_splits:
+      self.real_size(split)
+    return super().setup(mesh)
 
   # -- data ------------------------------------------------------------------
 
@@ -296,8 +465,29 @@ class Task(finetune.FinetuneTask):
 
   def _split(self, split: str) -> dict:
     d = self.config.data
+    if split == TUXPAINT_SPLIT:
+      return tuxpaint_english(
+        d.tuxpaint_path, d.data_dir, d.num_samples, d.max_label_length
+      )
     source = (d.path, d.data_dir, d.speech_limit, d.speaker_disjoint)
-    return _speech_set(*source, split, d.num_samples, d.max_label_length)
+    fit = (d.num_samples, d.max_label_length)
+    # The batch sampler draws from this set: only the labelled utterances.
+    if split == "train" and d.label_minutes:
+      return _labelled_set(*source, *fit, d.label_minutes, d.subset_seed)
+    return _speech_set(*source, split, *fit)
+
+  @property
+  def final_splits(self) -> tuple[str, ...]:
+    # Once, on the checkpoint the valid split picked: the test utterances
+    # and, on request, real voices (espeak's are all training has heard).
+    d = self.config.data
+    if d.source != self.real_source:
+      return ()
+    return ("test",) + ((TUXPAINT_SPLIT,) if d.tuxpaint_check else ())
+
+  def final_batches(self, split: str) -> tuple[list[Batch], int]:
+    n = self.real_size(split)
+    return self.real_split_batches(split, n), n
 
   def real_size(self, split: str) -> int:
     return len(self._split(split)["keep"])

@@ -170,6 +170,14 @@ class Task(base.Task):
   name = "pretrain"
   legacy_fields = {"task": "pretrain", "train.export_encoder_at": ()}
 
+  def upgrade_saved_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+    saved = super().upgrade_saved_config(saved)
+    if saved.get("modality") == "audio":
+      # Speech pretraining read the random split before the switch.
+      data = saved.setdefault("data", {})
+      data.setdefault("speaker_disjoint", False)
+    return saved
+
   def setup(self, mesh: Mesh) -> pretrain_lib.PretrainState:
     c = self.config
     model, tx, ema, init = build(c)

@@ -1,15 +1,18 @@
 """Fine-tuning on the real sources: spoken sentences, Fashion-MNIST, VADER.
 
 Inputs are tiny generated files in the real formats: a VADER sdist of short
-sentences spoken by espeak-ng, Fashion-MNIST IDX files, and a sentiment set
-``vader_movie.npz`` as `experiments.data.sentiment_sets` writes it.
+sentences spoken by espeak-ng, a Tux Paint stamps tree, Fashion-MNIST IDX
+files, and a sentiment set ``vader_movie.npz`` as
+`experiments.data.sentiment_sets` writes it.
 """
 
 import os
 
 import numpy as np
 import pytest
+import soundfile
 
+from d2vjax.datasets import audio
 from d2vjax.datasets import text as text_lib
 from experiments import finetune_d2v, tasks
 from experiments.configs import d2v_finetune
@@ -17,6 +20,7 @@ from experiments.data import sentiment_sets
 from experiments.data import speech_corpus as sc
 from experiments.runtime import writers
 from experiments.tasks import ctc, text_classification
+from tests.d2vjax.test_datasets_audio import write_stamps
 from tests.d2vjax.test_datasets_images import write_fashion_mnist
 from tests.experiments.data.test_speech_corpus import SHORT
 from tests.experiments.data.test_vader import make_sdist
@@ -36,6 +40,34 @@ def spoken(tmp_path_factory):
     workers=1,
     archive=sdist,
     progress=False,
+  )
+
+
+# English stamps beside `write_stamps`'s (whose only English one is "A
+# frog."): name -> (text file or None, seconds of audio).
+_ENGLISH_STAMPS = {
+  "bus": ("Two buses & 3 cars!\nfr.utf8=Deux bus.\n", 0.6),  # kept
+  "boat": ("fr.utf8=Un bateau.\n", 0.6),  # no English text
+  "dash": ("---\n", 0.6),  # no words
+  "snake": ("A snake.\n", 3.5),  # longer than num_samples
+  "eel": ("An eel far too long to spell in forty letters.\n", 0.6),
+  "owl": (None, 0.6),  # no text file at all
+}
+
+
+@pytest.fixture(scope="module")
+def tux(tmp_path_factory):
+  tree = write_stamps(tmp_path_factory.mktemp("tree"))
+  folder = tree / audio.STAMPS_SUBDIR / "vehicles"
+  for name, (text, seconds) in _ENGLISH_STAMPS.items():
+    if text is not None:
+      (folder / f"{name}.txt").write_text(text, "utf-8")
+    t = np.arange(int(16_000 * seconds)) / 16_000
+    wave = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    soundfile.write(folder / f"{name}_desc.ogg", wave, 16_000, format="OGG")
+  soundfile.write(folder / "bus_desc_fr.ogg", wave, 16_000, format="OGG")
+  return sc.build_tuxpaint(
+    tmp_path_factory.mktemp("data"), stamps=tree, workers=1, progress=False
   )
 
 
@@ -243,7 +275,7 @@ def test_speech_finetuning_runs_on_spoken_sentences(spoken, tmp_path):
   # One compiled step variant and small batches: the run stays short.
   c.train.steps, c.train.eval_every, c.train.batch_size = 3, 3, 4
   c.optim.freeze_finetune_updates = 0
-  c.data.num_samples = 32_000
+  c.data.num_samples = 36_000  # the test utterance's 2.1 s fit
   finetune_d2v.run(c, str(tmp_path))
   records = writers.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
   evals = [r for r in records if "eval/valid/wer" in r]
@@ -251,3 +283,133 @@ def test_speech_finetuning_runs_on_spoken_sentences(spoken, tmp_path):
   assert 0 <= evals[-1]["eval/valid/cer"]
   losses = [r["train/loss"] for r in records if "train/loss" in r]
   assert len(losses) == 3 and np.all(np.isfinite(losses))
+
+
+def test_labelled_subset_is_a_seeded_prefix_within_the_budget():
+  samples = np.random.default_rng(0).integers(8_000, 64_000, 60)
+  minutes = lambda at: samples[at].sum() / 16_000 / 60
+  total = minutes(np.arange(60))
+  order = np.random.default_rng([3, ctc.SUBSET_STREAM]).permutation(60)
+  smaller = np.array([], int)
+  for budget in (0.1, 0.3, 1.0, total):
+    at = ctc.labelled_subset(samples, budget, seed=3)
+    assert np.all(np.diff(at) > 0) and minutes(at) <= budget
+    # The longest prefix of the seeded order that fits.
+    assert set(at) == set(order[: len(at)])
+    assert len(at) == 60 or minutes(order[: len(at) + 1]) > budget
+    assert set(smaller) < set(at)  # a larger budget keeps a smaller one's
+    smaller = at
+  assert len(smaller) == 60
+  other = ctc.labelled_subset(samples, 0.3, seed=4)
+  assert set(other) != set(ctc.labelled_subset(samples, 0.3, seed=3))
+  np.testing.assert_array_equal(
+    ctc.labelled_subset(samples, 0.0, 3), np.arange(60)
+  )
+  with pytest.raises(ValueError, match="label_minutes=9.0: the train split's"):
+    ctc.labelled_subset(samples, 9.0, 3)
+  with pytest.raises(ValueError, match="label_minutes=-1"):
+    ctc.labelled_subset(samples, -1, 3)
+  with pytest.raises(ValueError, match="label_minutes=0.001 selects no"):
+    ctc.labelled_subset(samples, 0.001, 3)
+
+
+def test_speech_label_minutes_subset_only_the_train_split(spoken):
+  c = _speech_config(spoken)
+  everything = task_with_encoder(c)._split("train")
+  lengths = np.diff(everything["clips"]["offsets"])
+  assert len(everything["keep"]) == 5  # 4.6 s of speech
+  c.data.label_minutes, c.data.subset_seed = 0.03, 2
+  task = task_with_encoder(c)
+  train = task._split("train")
+  at = ctc.labelled_subset(lengths[everything["keep"]], 0.03, 2)
+  np.testing.assert_array_equal(train["keep"], everything["keep"][at])
+  assert train["texts"] == [everything["texts"][i] for i in at]
+  assert 0 < lengths[train["keep"]].sum() / 16_000 / 60 <= 0.03
+  assert task.real_size("train") == len(at) < 5
+  # The batches draw only from the labelled utterances.
+  for step in range(3):
+    for ids in task.batch_at(step)["labels"]:
+      assert ctc.VOCAB.decode(ids) in train["texts"]
+  # Valid and test keep every utterance; test is scored at the end.
+  for split in ("valid", "test"):
+    want = [str(t) for t in sc.load(spoken, split)["transcripts"]]
+    assert task._split(split)["texts"] == want
+  assert task.final_splits == ("test",)
+  c.data.label_minutes = 0.06
+  larger = task_with_encoder(c)._split("train")["texts"]
+  assert set(train["texts"]) < set(larger)
+  drawn = set()
+  for seed in range(6):
+    c.data.subset_seed = seed
+    drawn.add(tuple(task_with_encoder(c)._split("train")["texts"]))
+  assert len(drawn) > 1
+  c.data.label_minutes = 0.5
+  with pytest.raises(
+    ValueError, match="label_minutes=0.5: the train split's 5"
+  ):
+    task_with_encoder(c).batch_at(0)
+  c.data.label_minutes = 0.001
+  with pytest.raises(ValueError, match="label_minutes=0.001 selects no"):
+    task_with_encoder(c).batch_at(0)
+  # Workdirs from before the budgets trained on every utterance.
+  saved = task.upgrade_saved_config({"task": "speech", "data": {}})
+  assert saved["data"] == {
+    "label_minutes": 0.0,
+    "subset_seed": 0,
+    "tuxpaint_check": False,
+    "tuxpaint_path": "",
+  }
+  c.data.source = "synthetic"
+  assert tasks.create(c).final_splits == ()
+
+
+def test_tuxpaint_en_holds_the_english_recordings_with_text(spoken, tux):
+  c = _speech_config(spoken)
+  assert tasks.create(c).final_splits == ("test",)
+  c.data.tuxpaint_check, c.data.tuxpaint_path = True, str(tux)
+  task = task_with_encoder(c)
+  assert task.final_splits == ("test", "tuxpaint_en")
+  data = sc.load(tux, "all")
+  split = task._split("tuxpaint_en")
+  assert data["paths"][split["keep"]].tolist() == [
+    "animals/amphibians/frog_desc.ogg",
+    "vehicles/bus_desc.ogg",
+  ]
+  # Transcripts as the spoken sentences hold theirs.
+  assert split["texts"] == ["A FROG", "TWO BUSES AND THREE CARS"]
+  (batch,), n = task.final_batches("tuxpaint_en")
+  assert n == 2 and batch["text"][:n] == split["texts"]
+  for row, i in enumerate(split["keep"]):
+    wave = audio.normalize(audio.clip(data["audio"], data["offsets"], i))
+    np.testing.assert_array_equal(batch["waveform"][row, : wave.size], wave)
+    assert batch["attention_mask"][row].sum() == wave.size
+    assert ctc.VOCAB.decode(batch["labels"][row]) == split["texts"][row]
+  # A shorter label length drops the bus; no English clip fits 1,000 samples.
+  c.data.max_label_length = 10
+  assert task_with_encoder(c)._split("tuxpaint_en")["texts"] == ["A FROG"]
+  c.data.num_samples = 1_000
+  with pytest.raises(ValueError, match="no English Tux Paint clip of the 4"):
+    task_with_encoder(c).final_batches("tuxpaint_en")
+
+
+def test_speech_finetuning_scores_test_and_tuxpaint_on_the_best_checkpoint(
+  spoken, tux, tmp_path
+):
+  c = _speech_config(spoken)
+  c.train.steps, c.train.eval_every, c.train.batch_size = 2, 2, 4
+  c.optim.freeze_finetune_updates = 0
+  c.data.num_samples = 36_000  # the test utterance's 2.1 s fit
+  c.data.label_minutes = 0.03
+  c.data.tuxpaint_check, c.data.tuxpaint_path = True, str(tux)
+  finetune_d2v.run(c, str(tmp_path))
+  path = os.path.join(tmp_path, "metrics.jsonl")
+  records = writers.read_jsonl(path)
+  assert [r["step"] for r in records if "eval/valid/wer" in r] == [2]
+  assert len([r for r in records if "eval/test/cer" in r]) == 1
+  # Each final split is its own record of the last step.
+  final = writers.read_jsonl(path, dedupe=True)[-1]
+  assert final["step"] == 2
+  for split in ("test", "tuxpaint_en"):
+    assert 0 <= final[f"eval/{split}/cer"]
+    assert 0 <= final[f"eval/{split}/wer"]
+    assert np.isfinite(final[f"eval/{split}/loss"])

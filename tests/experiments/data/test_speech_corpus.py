@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from d2vjax.datasets import audio
+from experiments import tasks
 from experiments.configs import d2v_audio
 from experiments.data import espeak, pretrain_batches
 from experiments.data import speech_corpus as sc
@@ -173,3 +174,34 @@ def test_speech_pretraining_source(tux, spoken):
   c.data.path, c.data.speech_sets = "", "poems"
   with pytest.raises(ValueError, match="speech_sets='poems'"):
     pretrain_batches.batch_at(c, 0)
+
+
+def test_speech_pretraining_reads_the_split_the_config_names(
+  spoken, monkeypatch
+):
+  asked = []
+
+  def fake(root, *, limit, speaker_disjoint):
+    asked.append((root, limit, speaker_disjoint))
+    return spoken
+
+  monkeypatch.setattr(sc, "build_spoken_sentences", fake)
+  c = d2v_audio.get_config("tiny")
+  c.data.source = "speech"
+  c.data.data_dir, c.data.speech_limit = "/data", 7
+  for disjoint in (False, True):
+    c.data.speaker_disjoint = disjoint
+    pretrain_batches.batch_at(c, 0)
+  assert asked == [("/data", 7, False), ("/data", 7, True)]
+  # The table's recipe pretrains on the speaker-disjoint train split.
+  small = d2v_audio.get_config("small").data
+  assert small.speaker_disjoint and small.speech_limit == 6_000
+  assert small.speech_sets == "tuxpaint,spoken_sentences"
+
+
+def test_speech_workdirs_from_before_the_split_switch_resume():
+  task = tasks.create(d2v_audio.get_config("tiny"))
+  saved = task.upgrade_saved_config({"modality": "audio", "data": {}})
+  assert saved["data"] == {"speaker_disjoint": False}
+  vision = task.upgrade_saved_config({"modality": "vision", "data": {}})
+  assert vision["data"] == {}
