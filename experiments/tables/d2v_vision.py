@@ -46,7 +46,7 @@ from matplotlib import pyplot as plt  # noqa: E402
 
 from experiments.configs import d2v_finetune, d2v_vision
 from experiments.data import fashion_mnist
-from experiments.reports import probe
+from experiments.reports import probe, retrieval
 from experiments.runtime import cli, writers
 from experiments.runtime import mesh as mesh_lib
 from experiments.tables import grid, shared
@@ -70,6 +70,16 @@ ROWS = {
 # The fine-tuning recipe of each pair of rows (d2v_finetune.py variants).
 RECIPES = {"finetune": "image_fmnist", "plain": "image_fmnist_plain"}
 PRETRAIN = "pretrain-s0"
+# Nearest neighbours (cosine) on the 10 % labels: the cell, k of the k-NN
+# vote, and neighbours shown per query in ``neighbours.png``.
+RETRIEVAL = "retrieval-s0"
+KNN_K = 10
+SHOWN_NEIGHBOURS = 8
+RETRIEVAL_NAMES = {
+  "pixels": "pixels",
+  "random": "random encoder",
+  "d2v": "data2vec encoder",
+}
 
 
 def pretrain_config(*, tiny: bool, data_path: str) -> ml_collections.ConfigDict:
@@ -138,18 +148,19 @@ def _run_finetune(config, workdir: pathlib.Path) -> grid.Metrics:
   }
 
 
-def _run_probe(
-  kind: str, config: ml_collections.ConfigDict, _: pathlib.Path
-) -> grid.Metrics:
-  """Softmax regression on pixels or on an encoder's features."""
+def _labelled(config: ml_collections.ConfigDict) -> dict:
   d = config.data
-  splits = fashion_mnist.labelled_splits(
+  return fashion_mnist.labelled_splits(
     d.path,
     d.data_dir,
     valid_size=d.valid_size,
     labels=d.labels,
     subset_seed=d.subset_seed,
   )
+
+
+def _features(kind: str, config: ml_collections.ConfigDict, splits) -> dict:
+  """``{split: (features, labels)}``: pixels, or an encoder's mean patch."""
   if kind == "pixels":
     flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255
     data = {s: (flat(x), y) for s, (x, y) in splits.items()}
@@ -168,8 +179,49 @@ def _run_probe(
       )
       for s, (x, y) in splits.items()
     }
-  data = {s: (x, np.asarray(y, np.int32)) for s, (x, y) in data.items()}
+  return {s: (x, np.asarray(y, np.int32)) for s, (x, y) in data.items()}
+
+
+def _run_probe(
+  kind: str, config: ml_collections.ConfigDict, _: pathlib.Path
+) -> grid.Metrics:
+  """Softmax regression on pixels or on an encoder's features."""
+  data = _features(kind, config, _labelled(config))
   return probe.probe(data["train"], data["valid"], data["test"], num_classes=10)
+
+
+def _run_retrieval(
+  configs: dict[str, ml_collections.ConfigDict],
+  results_dir: pathlib.Path,
+  _: pathlib.Path,
+) -> grid.Metrics:
+  """k-NN accuracy per representation; the neighbours of a few queries.
+
+  The gallery is the labelled training images, the queries the test ones.
+  """
+  splits = _labelled(next(iter(configs.values())))
+  (gallery, g_labels), (queries, q_labels) = splits["train"], splits["test"]
+  out, shown = {}, {}
+  # The first test image of each of six classes, as queries.
+  picks = [int(np.flatnonzero(q_labels == c)[0]) for c in np.unique(q_labels)]
+  picks = sorted(picks)[:6]
+  for kind, config in configs.items():
+    wanted = {"train": splits["train"], "test": (queries, q_labels)}
+    data = _features(kind, config, wanted)
+    near = retrieval.cosine_neighbours(data["train"][0], data["test"][0], KNN_K)
+    out[f"test/knn_{kind}"] = retrieval.knn_accuracy(near, g_labels, q_labels)
+    shown[RETRIEVAL_NAMES[kind]] = near[picks, :SHOWN_NEIGHBOURS]
+  results_dir.mkdir(parents=True, exist_ok=True)
+  retrieval.plot_neighbours(
+    queries[picks],
+    gallery,
+    shown,
+    results_dir / "neighbours.png",
+    class_names=fashion_mnist.CLASSES,
+    query_labels=q_labels[picks],
+    gallery_labels=g_labels,
+  )
+  return out
 
 
 def _finetune_cell(name, row, column, seed, config) -> grid.Cell:
@@ -222,7 +274,32 @@ def cells(
           run = functools.partial(_run_probe, kind, c)
           spec = _probe_spec(kind, c)
           out.append(grid.Cell(name, row, column, seed, spec, run))
+  out.append(_retrieval_cell(encoders_dir, results_dir, **kw))
   return out + ablation_cells(seeds=seeds, results_dir=results_dir, **kw)
+
+
+def _retrieval_cell(
+  encoders_dir: pathlib.Path, results_dir: pathlib.Path, **kw
+) -> grid.Cell:
+  """k-NN on the 10 % labels (seed 0): pixels, random and data2vec encoders."""
+  column, labels, _ = (TINY_BUDGETS if kw["tiny"] else BUDGETS)[1]
+  kw |= {"labels": labels, "steps": 1, "seed": 0}
+  configs = {
+    "pixels": finetune_config(init="scratch", **kw),
+    "random": finetune_config(init="scratch", **kw),
+    "d2v": finetune_config(init=f"encoder:{encoders_dir / 'encoder'}", **kw),
+  }
+  d = configs["d2v"].data
+  spec = {
+    "retrieval": "knn-cosine",
+    "k": KNN_K,
+    "data": {k: d[k] for k in ("valid_size", "labels", "subset_seed")},
+    "encoder": configs["random"].model.encoder.to_dict(),
+    "seed": configs["random"].train.seed,
+    "init": shared.spec(configs["d2v"])["config"]["init"],
+  }
+  run = functools.partial(_run_retrieval, configs, results_dir)
+  return grid.Cell(RETRIEVAL, "k-NN", column, 0, spec, run)
 
 
 # The teacher features of the paper's Table 4, as this ViT's pre-LN blocks
@@ -377,6 +454,23 @@ def _ablation_table(records, plan: Sequence[Ablation]) -> str:
   )
 
 
+def _retrieval_table(records) -> str:
+  """The k-NN accuracies and the neighbours picture, once the cell ran."""
+  found = [r for r in records if r["name"] == RETRIEVAL]
+  if not found:
+    return ""
+  m = found[0]["metrics"]
+  head = " | ".join(RETRIEVAL_NAMES.values())
+  values = " | ".join(f"{m[f'test/knn_{k}']:.3f}" for k in RETRIEVAL_NAMES)
+  return (
+    f"\nNearest neighbours: a {KNN_K}-NN vote (cosine) among the "
+    f"{found[0]['column']} labelled training images, test accuracy; for "
+    "the encoders, their mean patch feature.\n\n"
+    f"| k-NN | {head} |\n|---|---|---|---|\n| test accuracy | {values} |\n"
+    "\n![neighbours.png](d2v_vision/neighbours.png)\n"
+  )
+
+
 def report(
   records,
   results_dir: pathlib.Path,
@@ -425,6 +519,7 @@ def report(
       "MiB) fine-tunes with `--config.init=encoder:results/d2v_vision/"
       f"encoders/{PRETRAIN}/encoder`.\n"
     )
+  text += _retrieval_table(records)
   plan = ablations(results_dir=results_dir, tiny=tiny, data_path="")
   text += _ablation_table(records, plan)
   text += f"\nAll cells: {grid.total_hours(records):.2f} h of runs.\n"

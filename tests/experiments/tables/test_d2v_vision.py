@@ -27,8 +27,11 @@ def test_cells_cover_the_table():
   assert names[0] == "pretrain-s0" and len(set(names)) == len(names)
   # 7 rows x 3 seeds at 1% and 10%; at 100% the probes run once; then
   # four more pretraining runs (top-K, target feature) and 6 ablation rows
-  # x 3 seeds.
-  assert len(cells) == 1 + 2 * 21 + (4 * 3 + 3) + 4 + 6 * 3
+  # x 3 seeds; and the nearest-neighbour cell.
+  assert len(cells) == 1 + 2 * 21 + (4 * 3 + 3) + 1 + 4 + 6 * 3
+  knn = next(c for c in cells if c.name == "retrieval-s0")
+  assert knn.spec["data"]["labels"] == 6_000 and knn.column == "10%"
+  assert knn.spec["init"] == "encoder:pretrain-s0/encoder"
   d2v = next(c for c in cells if c.name == "1pct-finetune-d2v-s1")
   scratch = next(c for c in cells if c.name == "1pct-finetune-scratch-s1")
   assert d2v.spec["config"]["init"] == "encoder:pretrain-s0/encoder"
@@ -58,7 +61,7 @@ def test_tiny_table_runs_and_resumes(tmp_path, capsys):
     readme=str(readme),
     workdir_root=str(tmp_path / "work"),
     seeds=1,
-    only="^pretrain-s0$|^1pct",
+    only="^pretrain-s0$|^1pct|^retrieval",
     tiny=True,
     fashion_mnist_path=str(tmp_path / "fm"),
     compilation_cache="",
@@ -69,14 +72,20 @@ def test_tiny_table_runs_and_resumes(tmp_path, capsys):
   assert {r["name"] for r in records} == {
     "pretrain-s0",
     *(f"1pct-{k}-s0" for k in d2v_vision.ROWS),
+    "retrieval-s0",
   }
   for r in records:
-    if r["row"] != "pretraining":
+    if r["row"] not in ("pretraining", "k-NN"):
       assert 0 <= r["metrics"]["test/accuracy"] <= 1, r
+  knn = next(r for r in records if r["name"] == "retrieval-s0")["metrics"]
+  assert set(knn) == {f"test/knn_{k}" for k in ("pixels", "random", "d2v")}
+  assert all(0 <= v <= 1 for v in knn.values())
+  assert (results / "neighbours.png").exists()
   text = readme.read_text()
   assert (
     "<!-- begin:d2v_vision -->" in text and "fine-tuned from data2vec" in text
   )
+  assert "10-NN vote (cosine)" in text and "data2vec encoder" in text
   assert (results / "accuracy_vs_labels.png").exists()
   assert (results / "pretraining.png").exists()
   assert (results / "encoders" / "pretrain-s0" / "encoder").is_dir()
@@ -85,7 +94,7 @@ def test_tiny_table_runs_and_resumes(tmp_path, capsys):
   with flagsaver.flagsaver(**args):
     d2v_vision.main(["d2v_vision"])
   out = capsys.readouterr().out
-  assert out.count("done before, skipped") == 1 + len(d2v_vision.ROWS)
+  assert out.count("done before, skipped") == 2 + len(d2v_vision.ROWS)
   assert ": running" not in out
   # A cell saved with another recipe is refused, not mixed in.
   path = results / "cells" / "1pct-finetune-scratch-s0.json"
