@@ -11,7 +11,8 @@ sees the whole input (Baevski et al., "data2vec", ICML 2022). The pieces:
 * pretraining: host-side mask generators (`masking`), targets (`targets`),
   the EMA teacher (`ema`), losses (`losses`), optimisers and schedules
   (`optim`), and the model with its pure step (`pretrain`);
-* HF checkpoints: `load_hf_checkpoint` and `from_hf` (`convert`);
+* HF checkpoints: `load_hf_checkpoint` and `from_hf` (`convert`), and
+  back to HF: `to_hf` and `save_hf_checkpoint` (`hf_export`);
 * trained encoders as self-describing folders: `encoder_io.save` and
   `encoder_io.load`;
 * fine-tuning heads, losses and metrics: `finetune`;
@@ -40,6 +41,7 @@ from d2vjax import (
   encoder,
   encoder_io,
   finetune,
+  hf_export,
   initializers,
   losses,
   masking,
@@ -55,6 +57,7 @@ from d2vjax.audio import AudioEncoder
 from d2vjax.convert import from_hf, load_hf_checkpoint
 from d2vjax.ema import ema_decay_schedule, teacher_ema
 from d2vjax.encoder import TransformerEncoder
+from d2vjax.hf_export import save_hf_checkpoint, to_hf
 from d2vjax.losses import modality_loss
 from d2vjax.masking import (
   apply_text_mask,
@@ -98,6 +101,7 @@ __all__ = [
   "encoder_io",
   "finetune",
   "from_hf",
+  "hf_export",
   "initializers",
   "load_hf_checkpoint",
   "losses",
@@ -109,12 +113,14 @@ __all__ = [
   "optim",
   "pretrain",
   "pretrain_step",
+  "save_hf_checkpoint",
   "span_mask",
   "speech",
   "targets",
   "teacher_ema",
   "text",
   "text_span_mask",
+  "to_hf",
   "tree_util",
   "vision",
 ]

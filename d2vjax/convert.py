@@ -16,8 +16,9 @@ buffers of older checkpoints (`position_ids`, `relative_position_index`) are
 ignored on purpose; any other unused key is reported in a warning.
 
 `load_hf_checkpoint(folder)` reads `config.json` and `model.safetensors`
-(parsed with numpy, no torch needed; sharded `model.safetensors.index.json`
-too) or `pytorch_model.bin` (needs torch).
+(with the `safetensors` library, no torch needed; sharded
+`model.safetensors.index.json` too) or `pytorch_model.bin` (needs torch).
+The way back, encoders to HF checkpoints, is `d2vjax.hf_export`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 
 from d2vjax import speech, speech_hf, tree_util
 from d2vjax.audio import AudioEncoder
@@ -431,10 +432,13 @@ def from_hf(
 # --------------------------------------------------------------------------
 # Reading checkpoints from disk
 
+# safetensors dtype names -> numpy. `safetensors.numpy` maps bfloat16 in
+# recent versions only, so the names are mapped here for every version.
 _SAFETENSORS_DTYPES = {
   "F64": "<f8",
   "F32": "<f4",
   "F16": "<f2",
+  "C64": "<c8",
   "I64": "<i8",
   "I32": "<i4",
   "I16": "<i2",
@@ -465,48 +469,39 @@ def _numpy_dtype(name: str) -> np.dtype:
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a `.safetensors` file into numpy arrays (no torch needed).
 
-  The format: an unsigned little-endian 64-bit header length N, N bytes of
-  JSON mapping each tensor name to `{"dtype", "shape", "data_offsets":
-  [begin, end]}` (offsets relative to the end of the header; an optional
-  `__metadata__` entry), then the raw little-endian tensor bytes.
+  The `safetensors` library parses and checks the file (header, offsets,
+  sizes); only the dtype names are mapped here, so that bfloat16 and float8
+  tensors load with every supported `safetensors` version.
 
   Args:
     path: the file.
 
   Returns:
-    name -> array (a copy, in the stored dtype; bfloat16 via `ml_dtypes`).
+    name -> array (owning its memory, in the stored dtype; bfloat16 via
+    `ml_dtypes`).
 
   Raises:
-    ValueError: for a malformed header or out-of-range offsets.
+    FileNotFoundError: if there is no such file.
+    ValueError: naming the file, if it is not a valid safetensors file
+      (a bad or truncated header, offsets that do not fit) or holds a
+      dtype numpy cannot represent.
   """
   with open(path, "rb") as f:
-    head = f.read(8)
-    if len(head) != 8:
-      raise ValueError(f"{path}: too short for a safetensors file")
-    (n,) = struct.unpack("<Q", head)
-    try:
-      header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"{path}: bad safetensors header: {e}") from e
     data = f.read()
+  try:
+    tensors = safetensors.deserialize(data)
+  except safetensors.SafetensorError as e:
+    raise ValueError(f"{path}: not a valid safetensors file: {e}") from e
   out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    dtype = _numpy_dtype(info["dtype"])
-    shape = tuple(int(s) for s in info["shape"])
-    begin, end = (int(o) for o in info["data_offsets"])
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if not 0 <= begin <= end <= len(data) or end - begin != size:
-      raise ValueError(
-        f"{path}: tensor {name!r} has offsets [{begin}, {end}) that do not "
-        f"fit shape {shape} of {info['dtype']} in {len(data)} data bytes"
-      )
-    out[name] = (
-      np.frombuffer(data, dtype, count=size // dtype.itemsize, offset=begin)
-      .reshape(shape)
-      .copy()
-    )
+  for name, info in tensors:
+    try:
+      dtype = _numpy_dtype(info["dtype"])
+    except ValueError as e:
+      raise ValueError(f"{path}: tensor {name!r}: {e}") from e
+    value = np.frombuffer(info["data"], dtype).reshape(info["shape"])
+    # Recent versions hand out a fresh bytearray per tensor (writable, no
+    # copy needed); older ones immutable bytes.
+    out[name] = value if value.flags.writeable else value.copy()
   return out
 
 

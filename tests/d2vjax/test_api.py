@@ -18,6 +18,7 @@ def test_reexports_are_the_submodules_objects():
   assert d2vjax.AudioEncoder is d2vjax.audio.AudioEncoder
   assert d2vjax.pretrain_step is d2vjax.pretrain.pretrain_step
   assert d2vjax.load_hf_checkpoint is d2vjax.convert.load_hf_checkpoint
+  assert d2vjax.save_hf_checkpoint is d2vjax.hf_export.save_hf_checkpoint
   assert d2vjax.block_masks is d2vjax.masking.block_masks
 
 
