@@ -171,3 +171,80 @@ def probe(
     "test/accuracy": _accuracy(p, *scaled[2]),
     "l2": l2,
   }
+
+
+# Ridge penalties tried, on the summed squared error of standardised
+# features.
+RIDGE_GRID = (1.0, 10.0, 100.0, 1_000.0, 10_000.0)
+
+
+def ridge_probe(
+  splits: dict[str, tuple[np.ndarray, np.ndarray]],
+  *,
+  alphas: tuple[float, ...] = RIDGE_GRID,
+) -> tuple[float, dict[str, np.ndarray]]:
+  """Ridge regression of real targets on frozen features.
+
+  Features are standardised with the ``train`` split's statistics; the
+  intercept is not penalised. The penalty with the best Pearson correlation
+  on ``valid`` is kept (the largest of ties).
+
+  Args:
+    splits: ``(features [n, D], targets [n])`` for ``train``, ``valid`` and
+      any others to predict.
+    alphas: the penalties tried (positive).
+
+  Returns:
+    ``(alpha, predictions)``: the chosen penalty and its predictions for
+    every split.
+  """
+  x_train, y_train = (np.asarray(a, np.float64) for a in splits["train"])
+  mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+  x = {s: (np.asarray(f, np.float64) - mu) / sd for s, (f, _) in splits.items()}
+  gram = x["train"].T @ x["train"]
+  rhs = x["train"].T @ (y_train - y_train.mean())
+  y_valid = np.asarray(splits["valid"][1], np.float64)
+  best = None
+  for alpha in sorted(alphas, reverse=True):
+    w = np.linalg.solve(gram + alpha * np.eye(len(gram)), rhs)
+    pred = x["valid"] @ w + y_train.mean()
+    score = np.corrcoef(pred, y_valid)[0, 1] if pred.std() > 0 else np.nan
+    if best is None or score > best[0] or np.isnan(best[0]):
+      best = (score, alpha, w)
+  _, alpha, w = best
+  return alpha, {s: m @ w + y_train.mean() for s, m in x.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _text_pooled(encoder: Any, params: Any, ids: jax.Array, pad_id: int):
+  mask = (ids != pad_id).astype(jnp.int32)
+  hidden = encoder.apply({"params": params}, ids, attention_mask=mask)[0]
+  real = mask[..., None].astype(hidden.dtype)
+  mean = (hidden * real).sum(1) / jnp.maximum(real.sum(1), 1)
+  return jnp.concatenate([mean, hidden[:, 0]], axis=-1)
+
+
+def text_features(
+  encoder: Any, params: Any, ids: np.ndarray, *, pad_id: int, batch: int = 256
+) -> np.ndarray:
+  """A text encoder's final output: mean of the real tokens, then ``<s>``.
+
+  Args:
+    encoder: a `d2vjax` text encoder module.
+    params: its parameters.
+    ids: ``[N, L]`` token ids, padded with `pad_id`.
+    pad_id: the padding id.
+    batch: sentences per forward pass; the last one is padded (one shape).
+
+  Returns:
+    float32 ``[N, 2 C]``.
+  """
+  parts = []
+  for lo in range(0, len(ids), batch):
+    chunk = ids[lo : lo + batch]
+    pad = batch - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+    out = _text_pooled(encoder, params, jnp.asarray(chunk), pad_id)
+    parts.append(np.asarray(out)[: batch - pad])
+  return np.concatenate(parts).astype(np.float32)

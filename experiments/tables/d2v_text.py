@@ -13,18 +13,22 @@ The grid (`experiments.tables.grid`; a killed grid resumes):
 
   - ``tfidf-ridge``: ridge regression on TF-IDF token unigrams and
     bigrams (`experiments.reports.tfidf`), for scale;
+  - ``probe-random`` / ``probe-d2v``: ridge regression on the frozen
+    features (mean of the real tokens and ``<s>`` of the final layer) of
+    the encoder at initialisation / after pretraining
+    (`experiments.reports.probe.ridge_probe`);
   - ``finetune-scratch`` / ``finetune-d2v``: ``d2v_finetune.py:
     text_vader`` regressing the rating from a random encoder / from the
     pretrained one, the same recipe and updates.
 
-A seed draws the labelled subset and the run's own randomness; TF-IDF on
-all the labels has nothing left to draw and runs once. Every number is on
-the 1,060 test sentences, of the model picked on the 1,060 valid ones:
-Corr (Pearson correlation with the rating) and Acc2 (sign agreement on the
-ratings other than 0). The table, its plot and the pretraining curves go
-to ``results/d2v_text/``, the table into ``results/README.md``; cell
-workdirs (checkpoints, the pretrained encoder) under
-``outputs/tables/d2v_text/``.
+A seed draws the labelled subset and the run's own randomness; TF-IDF and
+the probes on all the labels have nothing left to draw and run once. Every
+number is on the 1,060 test sentences, of the model picked on the 1,060
+valid ones: Corr (Pearson correlation with the rating) and Acc2 (sign
+agreement on the ratings other than 0). The table, its plot and the
+pretraining curves go to ``results/d2v_text/``, the table into
+``results/README.md``; cell workdirs (checkpoints, the pretrained encoder)
+under ``outputs/tables/d2v_text/``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import math
 import pathlib
 from collections.abc import Sequence
 
+import jax
 import matplotlib
 import ml_collections
 import numpy as np
@@ -43,12 +48,14 @@ from absl import app, flags
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402
 
+from d2vjax.datasets import text as text_lib
 from experiments.configs import common, d2v_finetune, d2v_text
 from experiments.data import text_corpus
-from experiments.reports import tfidf
+from experiments.reports import probe, tfidf
 from experiments.runtime import cli, writers
+from experiments.runtime import mesh as mesh_lib
 from experiments.tables import grid, shared
-from experiments.tasks import text_classification
+from experiments.tasks import encoders, text_classification
 
 FLAGS = flags.FLAGS
 
@@ -62,6 +69,8 @@ BUDGETS = (("10%", 848, 600, 100), ("100%", 0, 2_000, 250))
 TINY_BUDGETS = (("10%", 12, 2, 2), ("100%", 0, 2, 2))
 ROWS = {
   "tfidf-ridge": "TF-IDF + ridge",
+  "probe-random": "ridge on frozen features, random encoder",
+  "probe-d2v": "ridge on frozen features, data2vec",
   "finetune-scratch": "fine-tuned from scratch",
   "finetune-d2v": "fine-tuned from data2vec",
 }
@@ -183,6 +192,58 @@ def _run_tfidf(
   return out
 
 
+def _probe_spec(kind: str, config: ml_collections.ConfigDict) -> dict:
+  """A probe cell's spec: the sentences, the encoder and the ridge's grid."""
+  d = config.data
+  keys = ("sentiment_task", "seq_len", "labels", "subset_seed")
+  spec = {
+    "probe": kind,
+    "features": "mean of the real tokens, <s>",
+    "alphas": list(probe.RIDGE_GRID),
+    "data": {k: d[k] for k in keys},
+  }
+  if kind == "probe-random":
+    spec |= {
+      "encoder": config.model.encoder.to_dict(),
+      "seed": config.train.seed,
+    }
+  else:
+    spec["init"] = shared.spec(config)["config"]["init"]
+  return spec
+
+
+def _run_probe(
+  config: ml_collections.ConfigDict, _: pathlib.Path
+) -> grid.Metrics:
+  """Ridge on a frozen encoder's features; the penalty picked on valid."""
+  splits = text_classification.labelled_splits(config)
+  encoder, params = encoders.load(
+    config, mesh_lib.make_mesh(config, jax.device_count())
+  )
+  if params is None:  # the random encoder: as fine-tuning initialises it
+    ids = splits["train"][0][:1]
+    params = encoder.init(
+      jax.random.key(config.train.seed),
+      ids,
+      attention_mask=(ids != text_lib.PAD_ID).astype(np.int32),
+    )["params"]
+  features = {
+    s: (
+      probe.text_features(encoder, params, ids, pad_id=text_lib.PAD_ID),
+      y,
+    )
+    for s, (ids, y) in splits.items()
+  }
+  alpha, preds = probe.ridge_probe(features)
+  out = {"alpha": alpha}
+  for split in ("valid", "test"):
+    scores = text_classification.regression_scores(
+      preds[split], splits[split][1]
+    )
+    out |= {f"{split}/{k}": scores[k] for k in ("pearson", "acc2")}
+  return out
+
+
 def cells(
   *,
   seeds: int,
@@ -219,7 +280,7 @@ def cells(
       for kind, row in ROWS.items():
         tuned = kind.startswith("finetune")
         if not labels and seed and not tuned:
-          continue  # TF-IDF on all the labels has nothing left to draw
+          continue  # TF-IDF and probes on all the labels: nothing to draw
         init = (
           f"encoder:{encoders_dir / 'encoder'}"
           if kind.endswith("d2v")
@@ -236,6 +297,8 @@ def cells(
         name = f"{column.rstrip('%')}pct-{kind}-s{seed}"
         if tuned:
           run, spec = functools.partial(_run_finetune, c), _spec(c)
+        elif kind.startswith("probe"):
+          run, spec = functools.partial(_run_probe, c), _probe_spec(kind, c)
         else:
           run, spec = functools.partial(_run_tfidf, c), _tfidf_spec(c)
         out.append(grid.Cell(name, row, column, seed, spec, run))

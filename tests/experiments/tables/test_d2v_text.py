@@ -42,11 +42,16 @@ def test_cells_cover_the_table():
   cells = d2v_text.cells(seeds=3, results_dir=pathlib.Path("r"))
   names = [c.name for c in cells]
   assert names[0] == "pretrain-s0" and len(set(names)) == len(names)
-  # 3 rows x 3 seeds at 10 %; at 100 % TF-IDF runs once.
-  assert len(cells) == 1 + 3 * 3 + (1 + 2 * 3)
+  # 5 rows x 3 seeds at 10 %; at 100 % TF-IDF and the probes run once.
+  assert len(cells) == 1 + 5 * 3 + (3 + 2 * 3)
   assert "100pct-tfidf-ridge-s0" in names
   assert "100pct-tfidf-ridge-s1" not in names
   by_name = {c.name: c for c in cells}
+  probes = {k: by_name[f"10pct-probe-{k}-s1"].spec for k in ("random", "d2v")}
+  assert probes["d2v"]["init"] == "encoder:pretrain-s0/encoder"
+  assert probes["random"]["seed"] == 1
+  assert probes["d2v"]["data"] == probes["random"]["data"]
+  assert probes["d2v"]["data"]["labels"] == 848
   d2v = by_name["10pct-finetune-d2v-s1"].spec["config"]
   scratch = by_name["10pct-finetune-scratch-s1"].spec["config"]
   assert d2v["init"] == "encoder:pretrain-s0/encoder"
@@ -112,7 +117,7 @@ def test_tiny_table_runs_and_resumes(tmp_path, corpus, capsys):
   with flagsaver.flagsaver(**args):
     d2v_text.main(["d2v_text"])
   out = capsys.readouterr().out
-  assert out.count("done before, skipped") == 5 and ": running" not in out
+  assert out.count("done before, skipped") == 7 and ": running" not in out
   # A cell saved with another recipe is refused, not mixed in.
   path = results / "cells" / "10pct-finetune-scratch-s0.json"
   saved = json.loads(path.read_text())
@@ -146,7 +151,7 @@ def test_report_sets_corr_beside_acc2_and_the_gain(tmp_path):
     "| VADER movie ratings (test) | Corr 10% | Acc2 10% | Corr 100% | "
     "Acc2 100% |"
   )
-  body = {line.split(" | ")[0].strip("| "): line for line in lines[2:5]}
+  body = {line.split(" | ")[0].strip("| "): line for line in lines[2:7]}
   assert (
     "| 0.650 ± 0.071 | 0.750 ± 0.000 | – | – |"
     in (body["fine-tuned from data2vec"])
