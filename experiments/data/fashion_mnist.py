@@ -21,19 +21,6 @@ from d2vjax.datasets import images
 from experiments.data import fetch
 
 PACKAGE = "dataset-fashion-mnist"
-# The names of the label ids 0-9.
-CLASSES = (
-  "T-shirt/top",
-  "Trouser",
-  "Pullover",
-  "Dress",
-  "Coat",
-  "Sandal",
-  "Shirt",
-  "Sneaker",
-  "Bag",
-  "Ankle boot",
-)
 
 
 @functools.lru_cache(maxsize=2)

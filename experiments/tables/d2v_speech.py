@@ -30,13 +30,8 @@ import functools
 import pathlib
 from collections.abc import Sequence
 
-import matplotlib
 import ml_collections
-import numpy as np
 from absl import app, flags
-
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402
 
 from experiments.configs import common, d2v_audio, d2v_finetune
 from experiments.runtime import cli, writers
@@ -222,28 +217,16 @@ def _table(records) -> str:
 
 def _plot(records, curves, out: pathlib.Path) -> list[str]:
   """CER against labelled minutes; pretraining curves. Returns the files."""
-  files = []
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for row in ROWS.values():
-    points = [
-      (minutes, *grid.mean_of(records, row, c, "test/cer"))
-      for c, minutes, *_ in BUDGETS
-    ]
-    points = [p for p in points if p[3]]
-    if points:
-      x, mean, std, _ = map(np.asarray, zip(*points, strict=True))
-      ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=row)
-  ax.set(
-    xscale="log",
+  shared.plot_vs_labels(
+    records,
+    rows=list(ROWS.values()),
+    sizes={column: minutes for column, minutes, *_ in BUDGETS},
+    metric="test/cer",
     xlabel="minutes of labelled speech",
     ylabel="test CER (greedy)",
+    path=out / "cer_vs_labels.png",
   )
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out / "cer_vs_labels.png", dpi=120)
-  files.append("cer_vs_labels.png")
-  plt.close(fig)
+  files = ["cer_vs_labels.png"]
   if curves:
     shared.plot_pretraining(curves, out / "pretraining.png")
     files.append("pretraining.png")
@@ -264,18 +247,7 @@ def report(records, results_dir: pathlib.Path, root: pathlib.Path) -> str:
   curves = shared.curves(root / PRETRAIN)
   if curves:
     grid.write_json(results_dir / "pretrain_curves.json", curves)
-  pre = [r for r in records if r["name"] == PRETRAIN]
-  if pre:
-    m, where = pre[0]["metrics"], pre[0]["machine"]
-    text += (
-      f"\nPretraining: {int(m['steps'])} steps in {m['train_hours']:.2f} h "
-      f"on {where['cpu']} ({where['cores']} cores); final loss "
-      f"{m['train/loss']:.4f}, target variance {m['train/target_var']:.3f}, "
-      f"prediction variance {m['train/pred_var']:.3f}. The encoder "
-      f"(`d2v_speech/encoders/{PRETRAIN}/encoder/`, {m['encoder_mb']:.1f} "
-      "MiB) fine-tunes with `--config.init=encoder:results/d2v_speech/"
-      f"encoders/{PRETRAIN}/encoder`.\n"
-    )
+  text += shared.pretraining_summary(records, "d2v_speech", PRETRAIN)
   text += f"\nAll cells: {grid.total_hours(records):.2f} h of runs.\n"
   results_dir.mkdir(parents=True, exist_ok=True)
   for name in _plot(records, curves, results_dir):
@@ -288,21 +260,9 @@ def report(records, results_dir: pathlib.Path, root: pathlib.Path) -> str:
 
 
 def define_flags() -> None:
-  """The table command's flags, those not yet defined.
-
-  The table commands share flag names; a process that holds two of them
-  (the tests) keeps the first definition of each.
-  """
-  wanted = (
-    ("string", "results_dir", "results/d2v_speech", "Cell records, plots."),
-    ("string", "readme", "results/README.md", "Where the table goes."),
-    ("string", "workdir_root", "outputs/tables/d2v_speech", "Cell workdirs."),
-    ("integer", "seeds", 3, "Seeds per row and label budget."),
-    ("string", "only", "", "Run just the cells whose name matches."),
-    ("bool", "rerun", False, "Run cells again though saved."),
-    ("bool", "report_only", False, "Render the saved cells; run none."),
-    ("string", "compilation_cache", "outputs/jax_cache", "XLA's cache."),
-    ("bool", "tiny", False, "Tiny models and runs (the tests)."),
+  """The table command's flags, those not yet defined (`shared`)."""
+  shared.define_table_flags(
+    "d2v_speech",
     (
       "string",
       "spoken_path",
@@ -316,9 +276,6 @@ def define_flags() -> None:
       "A built Tux Paint folder ('' = find or build the cache's).",
     ),
   )
-  for kind, name, default, help_text in wanted:
-    if name not in FLAGS:
-      getattr(flags, f"DEFINE_{kind}")(name, default, help_text)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -40,13 +40,9 @@ import pathlib
 from collections.abc import Sequence
 
 import jax
-import matplotlib
 import ml_collections
 import numpy as np
 from absl import app, flags
-
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402
 
 from d2vjax.datasets import text as text_lib
 from experiments.configs import common, d2v_finetune, d2v_text
@@ -334,29 +330,16 @@ def _table(records) -> str:
 
 def _plot(records, curves, out: pathlib.Path) -> list[str]:
   """Corr against labels; pretraining curves. Returns the files."""
-  files = []
-  sizes = {"10%": BUDGETS[0][1], "100%": TRAIN_SENTENCES}
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for row in ROWS.values():
-    points = [
-      (sizes[c], *grid.mean_of(records, row, c, "test/pearson"))
-      for c, *_ in BUDGETS
-    ]
-    points = [p for p in points if p[3]]
-    if points:
-      x, mean, std, _ = map(np.asarray, zip(*points, strict=True))
-      ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=row)
-  ax.set(
-    xscale="log",
+  shared.plot_vs_labels(
+    records,
+    rows=list(ROWS.values()),
+    sizes={"10%": BUDGETS[0][1], "100%": TRAIN_SENTENCES},
+    metric="test/pearson",
     xlabel="labelled training sentences",
     ylabel="test Corr (Pearson)",
+    path=out / "corr_vs_labels.png",
   )
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out / "corr_vs_labels.png", dpi=120)
-  files.append("corr_vs_labels.png")
-  plt.close(fig)
+  files = ["corr_vs_labels.png"]
   if curves:
     shared.plot_pretraining(curves, out / "pretraining.png")
     files.append("pretraining.png")
@@ -381,18 +364,7 @@ def report(records, results_dir: pathlib.Path, root: pathlib.Path) -> str:
   curves = shared.curves(root / PRETRAIN)
   if curves:
     grid.write_json(results_dir / "pretrain_curves.json", curves)
-  pre = [r for r in records if r["name"] == PRETRAIN]
-  if pre:
-    m, where = pre[0]["metrics"], pre[0]["machine"]
-    text += (
-      f"\nPretraining: {int(m['steps'])} steps in {m['train_hours']:.2f} h "
-      f"on {where['cpu']} ({where['cores']} cores); final loss "
-      f"{m['train/loss']:.4f}, target variance {m['train/target_var']:.3f}, "
-      f"prediction variance {m['train/pred_var']:.3f}. The encoder "
-      f"(`d2v_text/encoders/{PRETRAIN}/encoder/`, {m['encoder_mb']:.1f} "
-      "MiB) fine-tunes with `--config.init=encoder:results/d2v_text/"
-      f"encoders/{PRETRAIN}/encoder`.\n"
-    )
+  text += shared.pretraining_summary(records, "d2v_text", PRETRAIN)
   text += f"\nAll cells: {grid.total_hours(records):.2f} h of runs.\n"
   results_dir.mkdir(parents=True, exist_ok=True)
   for name in _plot(records, curves, results_dir):
@@ -405,21 +377,9 @@ def report(records, results_dir: pathlib.Path, root: pathlib.Path) -> str:
 
 
 def define_flags() -> None:
-  """The table command's flags, those not yet defined.
-
-  The table commands share flag names; a process that holds two of them
-  (the tests) keeps the first definition of each.
-  """
-  wanted = (
-    ("string", "results_dir", "results/d2v_text", "Cell records, plots."),
-    ("string", "readme", "results/README.md", "Where the table goes."),
-    ("string", "workdir_root", "outputs/tables/d2v_text", "Cell workdirs."),
-    ("integer", "seeds", 3, "Seeds per row and label budget."),
-    ("string", "only", "", "Run just the cells whose name matches."),
-    ("bool", "rerun", False, "Run cells again though saved."),
-    ("bool", "report_only", False, "Render the saved cells; run none."),
-    ("string", "compilation_cache", "outputs/jax_cache", "XLA's cache."),
-    ("bool", "tiny", False, "Tiny models and runs (the tests)."),
+  """The table command's flags, those not yet defined (`shared`)."""
+  shared.define_table_flags(
+    "d2v_text",
     (
       "string",
       "corpus_path",
@@ -433,9 +393,6 @@ def define_flags() -> None:
       "A built sentiment_sets folder ('' = build it from the corpus).",
     ),
   )
-  for kind, name, default, help_text in wanted:
-    if name not in FLAGS:
-      getattr(flags, f"DEFINE_{kind}")(name, default, help_text)
 
 
 def default_corpus(*, tiny: bool) -> str:

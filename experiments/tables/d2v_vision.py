@@ -36,14 +36,11 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
-import matplotlib
 import ml_collections
 import numpy as np
 from absl import app, flags
 
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402
-
+from d2vjax.datasets import images as images_lib
 from experiments.configs import d2v_finetune, d2v_vision
 from experiments.data import fashion_mnist
 from experiments.reports import probe, retrieval
@@ -217,7 +214,7 @@ def _run_retrieval(
     gallery,
     shown,
     results_dir / "neighbours.png",
-    class_names=fashion_mnist.CLASSES,
+    class_names=images_lib.CLASS_NAMES,
     query_labels=q_labels[picks],
     gallery_labels=g_labels,
   )
@@ -407,27 +404,16 @@ def ablation_cells(
 
 def _plot(records, curves, out: pathlib.Path) -> list[str]:
   """Accuracy against labels; pretraining curves. Returns the files."""
-  files = []
-  fig, ax = plt.subplots(figsize=(6, 4))
-  sizes = {"1%": 600, "10%": 6_000, "100%": 55_000}
-  for row in ROWS.values():
-    points = [
-      (sizes[c], *grid.mean_of(records, row, c, "test/accuracy"))
-      for c, *_ in BUDGETS
-    ]
-    points = [p for p in points if p[3]]
-    if points:
-      x, mean, std, _ = map(np.asarray, zip(*points, strict=True))
-      ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=row)
-  ax.set(
-    xscale="log", xlabel="labelled training images", ylabel="test accuracy"
+  shared.plot_vs_labels(
+    records,
+    rows=list(ROWS.values()),
+    sizes={"1%": 600, "10%": 6_000, "100%": 55_000},
+    metric="test/accuracy",
+    xlabel="labelled training images",
+    ylabel="test accuracy",
+    path=out / "accuracy_vs_labels.png",
   )
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out / "accuracy_vs_labels.png", dpi=120)
-  files.append("accuracy_vs_labels.png")
-  plt.close(fig)
+  files = ["accuracy_vs_labels.png"]
   if curves:
     shared.plot_pretraining(curves, out / "pretraining.png")
     files.append("pretraining.png")
@@ -507,18 +493,7 @@ def report(
   curves = shared.curves(root / PRETRAIN)
   if curves:
     grid.write_json(results_dir / "pretrain_curves.json", curves)
-  pre = [r for r in records if r["name"] == PRETRAIN]
-  if pre:
-    m, where = pre[0]["metrics"], pre[0]["machine"]
-    text += (
-      f"\nPretraining: {int(m['steps'])} steps in {m['train_hours']:.2f} h "
-      f"on {where['cpu']} ({where['cores']} cores); final loss "
-      f"{m['train/loss']:.4f}, target variance {m['train/target_var']:.3f}, "
-      f"prediction variance {m['train/pred_var']:.3f}. The encoder "
-      f"(`d2v_vision/encoders/{PRETRAIN}/encoder/`, {m['encoder_mb']:.1f} "
-      "MiB) fine-tunes with `--config.init=encoder:results/d2v_vision/"
-      f"encoders/{PRETRAIN}/encoder`.\n"
-    )
+  text += shared.pretraining_summary(records, "d2v_vision", PRETRAIN)
   text += _retrieval_table(records)
   plan = ablations(results_dir=results_dir, tiny=tiny, data_path="")
   text += _ablation_table(records, plan)
@@ -533,24 +508,15 @@ def report(
 
 
 def define_flags() -> None:
-  """The table command's flags."""
-  flags.DEFINE_string(
-    "results_dir", "results/d2v_vision", "Cell records, table, plots."
-  )
-  flags.DEFINE_string("readme", "results/README.md", "Where the table goes.")
-  flags.DEFINE_string(
-    "workdir_root", "outputs/tables/d2v_vision", "The cells' workdirs."
-  )
-  flags.DEFINE_integer("seeds", 3, "Seeds per row and label budget.")
-  flags.DEFINE_string("only", "", "Run just the cells whose name matches.")
-  flags.DEFINE_bool("rerun", False, "Run cells again though saved.")
-  flags.DEFINE_bool("report_only", False, "Render the saved cells; run none.")
-  flags.DEFINE_string(
-    "compilation_cache", "outputs/jax_cache", "XLA's cache ('' = none)."
-  )
-  flags.DEFINE_bool("tiny", False, "Tiny models and runs (the tests).")
-  flags.DEFINE_string(
-    "fashion_mnist_path", "", "Folder of Fashion-MNIST IDX files ('' = fetch)."
+  """The table command's flags, those not yet defined."""
+  shared.define_table_flags(
+    "d2v_vision",
+    (
+      "string",
+      "fashion_mnist_path",
+      "",
+      "Folder of Fashion-MNIST IDX files ('' = fetch).",
+    ),
   )
 
 

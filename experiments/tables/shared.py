@@ -11,9 +11,13 @@ from __future__ import annotations
 import functools
 import pathlib
 import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 import ml_collections
+import numpy as np
+from absl import flags
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402
@@ -92,3 +96,87 @@ def plot_pretraining(
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def plot_vs_labels(
+  records,
+  *,
+  rows: Sequence[str],
+  sizes: Mapping[str, float],
+  metric: str,
+  xlabel: str,
+  ylabel: str,
+  path: pathlib.Path,
+) -> None:
+  """A metric against the labelled budget (log x), one line per row.
+
+  Args:
+    records: cell records.
+    rows: the rows drawn, in legend order; rows with no record are left out.
+    sizes: the budget of each column, in plotting units.
+    metric: the key in each record's ``metrics``.
+    xlabel: the budget's axis title.
+    ylabel: the metric's axis title.
+    path: the PNG to write.
+  """
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for row in rows:
+    points = [
+      (x, *grid.mean_of(records, row, column, metric))
+      for column, x in sizes.items()
+    ]
+    points = [p for p in points if p[3]]
+    if points:
+      x, mean, std, _ = map(np.asarray, zip(*points, strict=True))
+      ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=row)
+  ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def pretraining_summary(records, table: str, name: str) -> str:
+  """The paragraph on a table's pretraining cell; "" before it has run."""
+  found = [r for r in records if r["name"] == name]
+  if not found:
+    return ""
+  m, where = found[0]["metrics"], found[0]["machine"]
+  return (
+    f"\nPretraining: {int(m['steps'])} steps in {m['train_hours']:.2f} h "
+    f"on {where['cpu']} ({where['cores']} cores); final loss "
+    f"{m['train/loss']:.4f}, target variance {m['train/target_var']:.3f}, "
+    f"prediction variance {m['train/pred_var']:.3f}. The encoder "
+    f"(`{table}/encoders/{name}/encoder/`, {m['encoder_mb']:.1f} "
+    f"MiB) fine-tunes with `--config.init=encoder:results/{table}/"
+    f"encoders/{name}/encoder`.\n"
+  )
+
+
+def define_table_flags(table: str, *extra: tuple[str, str, Any, str]) -> None:
+  """A table command's flags, those not yet defined.
+
+  The table commands share flag names; a process that holds several (the
+  tests) keeps the first definition of each.
+
+  Args:
+    table: the table's key: ``results/<table>``, ``outputs/tables/<table>``.
+    *extra: the table's own flags as ``(kind, name, default, help)``, kind
+      one of absl's ``DEFINE_<kind>``.
+  """
+  wanted = (
+    ("string", "results_dir", f"results/{table}", "Cell records, plots."),
+    ("string", "readme", "results/README.md", "Where the table goes."),
+    ("string", "workdir_root", f"outputs/tables/{table}", "Cell workdirs."),
+    ("integer", "seeds", 3, "Seeds per row and label budget."),
+    ("string", "only", "", "Run just the cells whose name matches."),
+    ("bool", "rerun", False, "Run cells again though saved."),
+    ("bool", "report_only", False, "Render the saved cells; run none."),
+    ("string", "compilation_cache", "outputs/jax_cache", "XLA's cache."),
+    ("bool", "tiny", False, "Tiny models and runs (the tests)."),
+    *extra,
+  )
+  for kind, name, default, help_text in wanted:
+    if name not in flags.FLAGS:
+      getattr(flags, f"DEFINE_{kind}")(name, default, help_text)
